@@ -1,0 +1,135 @@
+"""Teacher and student networks as the trainer sees them: feature taps by layer name, the frozen
+teacher, and the student as one module (backbone + classifier + codeword heads)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import CosineHead
+
+
+class ModelError(ValueError):
+    """A model, layer or checkpoint that cannot be used as asked."""
+
+
+def tap(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Register forward hooks storing the outputs of the named submodules in the returned dict
+    (overwritten at every forward)."""
+    maps: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            raise ModelError(f"{type(model).__name__} has no layer '{name}' (close: {close})")
+
+        def hook(_module, _inputs, output, name=name):
+            maps[name] = output
+
+        modules[name].register_forward_hook(hook)
+    return maps
+
+
+def pool_map(fmap: torch.Tensor, pool: int) -> torch.Tensor:
+    """Teacher map average-pooled pool×pool with stride pool (the MobileNet/ShuffleNet 'downscale')."""
+    return F.avg_pool2d(fmap, pool) if pool > 1 else fmap
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file: a plain state dict, or a dict holding one under 'model'
+    (RepDistiller's ckpt_epoch_240.pth, quest's student.pt) or 'state_dict'. DDP 'module.' prefixes
+    are stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ModelError(f"{path} holds no state dict (expected tensors, or a dict with 'model')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with an error that lists what differs (a silently random teacher
+    is a defect of the original code)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not match {type(model).__name__}:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" … (+{len(items) - 8} more)" if len(items) > 8 else ""
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
+        parts.append("check teacher.arch / data.num_classes against the checkpoint")
+        raise ModelError("\n  ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def map_shapes(model: nn.Module, layers: list[str], in_channels: int, size: int) -> list[torch.Size]:
+    """C×H×W of each named map for one input of size×size (eval mode, then the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    maps = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
+        for n in layers
+    ]
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, in_channels, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [maps[n].shape[1:] for n in layers]
+
+
+class FrozenTeacher:
+    """The teacher: eval mode, no gradients, never prepared by Accelerate.
+    Call under torch.no_grad(); returns (logits, [map per level, pooled as configured])."""
+
+    def __init__(self, model: nn.Module, layers: list[str], pools: list[int]):
+        self.model = model.eval().requires_grad_(False)
+        self.layers, self.pools = layers, pools
+        self._maps = tap(model, sorted(set(layers)))
+
+    def to(self, *args, **kwargs) -> FrozenTeacher:
+        self.model.to(*args, **kwargs)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = self.model(x)
+        return logits, [pool_map(self._maps[n], p) for n, p in zip(self.layers, self.pools)]
+
+
+class Student(nn.Module):
+    """Backbone (with its own pooled classifier) plus one cosine codeword head per QuEST level, so a
+    single `accelerator.prepare(student, optimizer)` covers DDP, the optimizer and checkpoints.
+    forward(x) → (logits, [B×K×H×W word scores per level])."""
+
+    def __init__(self, backbone: nn.Module, layers: list[str], heads: list[CosineHead]):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = layers
+        self.heads = nn.ModuleList(heads)
+        self._maps = tap(backbone, sorted(set(layers))) if heads else {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = self.backbone(x)
+        return logits, [head(self._maps[n]) for n, head in zip(self.layers, self.heads)]

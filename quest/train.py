@@ -1,0 +1,432 @@
+"""Train a student: plain supervised ("none"), Hinton KD, QuEST, or QuEST + KD.
+
+    python -m quest.train RECIPE [section.key=value ...]
+    accelerate launch [--multi_gpu --num_processes N] -m quest.train RECIPE [...]
+
+One loop, top to bottom. Only the student (backbone + classifier + codeword heads) and the optimizer go
+through `accelerator.prepare`; the teacher and codebooks are frozen inputs. The LR is a pure function
+of the optimizer step. A run directory that holds a complete checkpoint resumes from it; a STOP file
+in the run directory makes every rank save a checkpoint and exit 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm import tqdm
+
+from . import artifacts, checkpoint
+from . import recipe as recipes
+from .codebook import Codebook, build_codebooks, expected_meta, load_codebook
+from .data import Loaders, build_loaders, feature_loader
+from .evaluate import evaluate
+from .losses import (
+    CosineHead,
+    flatten_locations,
+    kd_loss,
+    quest_loss,
+    soft_assign,
+    total_loss,
+    word_diagnostics,
+)
+from .metrics import MetricLogger, plot_curves
+from .models import build_model, feature_layer
+from .recipe import Optim, Recipe
+from .student import FrozenTeacher, ModelError, Student, load_state, load_strict, map_shapes
+
+STOP_FILE = "STOP"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, a teacher that does not know the task, ...)."""
+
+
+# --------------------------------------------------------------------------------------- setup
+
+
+def make_accelerator(run: recipes.Run) -> Accelerator:
+    """The recipe is the single source of truth: explicit arguments beat the launcher's environment."""
+    accelerator = Accelerator(
+        mixed_precision=run.precision,
+        cpu=run.cpu,
+        log_with="wandb" if run.wandb else None,
+        # k-means runs on rank 0 alone: the other ranks must wait for it without timing out.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
+    )
+    expected = int(os.environ.get("WORLD_SIZE", 1))
+    if accelerator.num_processes != expected:
+        raise TrainingError(
+            f"{expected} processes were launched but Accelerate sees {accelerator.num_processes}: on a "
+            "CPU-only machine use `accelerate launch --multi_gpu --num_processes N` with run.cpu = true"
+        )
+    return accelerator
+
+
+def setup(path: str, overrides: list[str]) -> tuple[Recipe, Accelerator, Loaders]:
+    recipe = recipes.load(path, overrides)
+    accelerator = make_accelerator(recipe.run)
+    set_seed(recipe.seed, device_specific=False)
+    loaders = build_loaders(
+        recipe.data,
+        seed=recipe.seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        pin=accelerator.device.type == "cuda",
+    )
+    return recipe, accelerator, loaders
+
+
+def teacher_layers(recipe: Recipe) -> tuple[list[str], list[int]]:
+    levels = recipe.quest_levels()
+    layers = [lv.teacher_layer or feature_layer(recipe.teacher.arch) for lv in levels]
+    return layers, [lv.pool for lv in levels]
+
+
+def student_layers(recipe: Recipe) -> list[str]:
+    return [lv.student_layer or feature_layer(recipe.student.arch) for lv in recipe.quest_levels()]
+
+
+def build_teacher(recipe: Recipe, loaders: Loaders, device=None) -> FrozenTeacher:
+    """The teacher with strictly loaded weights: a checkpoint file, or a torchvision weights name."""
+    cfg = recipe.teacher
+    source = cfg.checkpoint
+    if not source:
+        raise ModelError("teacher.checkpoint is empty: give a state-dict file or a torchvision weights name")
+    is_file_like = "/" in source or source.endswith((".pt", ".pth", ".bin"))
+    if Path(source).is_file():
+        model = build_model(cfg.arch, loaders.num_classes, loaders.in_channels)
+        load_strict(model, load_state(source), f"teacher checkpoint {source}")
+    elif is_file_like:
+        raise ModelError(
+            f"teacher checkpoint not found: {source} (train the teacher with distill.method = 'none' "
+            "and point teacher.checkpoint at its student.pt, or give a torchvision weights name)"
+        )
+    else:  # a torchvision weights enum name such as IMAGENET1K_V1 (downloaded to the torch cache)
+        model = build_model(cfg.arch, 1000, 3, weights=source)
+    layers, pools = teacher_layers(recipe)
+    teacher = FrozenTeacher(model, layers, pools)
+    return teacher.to(device) if device is not None else teacher
+
+
+def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, accelerator) -> float:
+    """Refuse a teacher that does not know the task (a random or wrong checkpoint), before any cost."""
+    floor = recipe.teacher.min_top1 if recipe.teacher.min_top1 >= 0 else 200.0 / loaders.num_classes
+    if floor == 0:
+        return float("nan")
+    n_batches = max(1, math.ceil(512 / max(recipe.data.eval_batch_size or 2 * recipe.data.batch_size, 1)))
+    result = evaluate(
+        teacher.model, loaders.eval, accelerator, max_batches=n_batches, channels_last=recipe.run.channels_last
+    )
+    if result["top1"] < floor:
+        raise TrainingError(
+            f"teacher {recipe.teacher.arch} from {recipe.teacher.checkpoint} reaches only "
+            f"{result['top1']:.1f}% top-1 on {result['count']} evaluation images (floor {floor:.1f}%): "
+            "wrong or untrained weights? Set teacher.min_top1 = 0 to skip this check"
+        )
+    return result["top1"]
+
+
+def ensure_codebooks(recipe: Recipe, teacher: FrozenTeacher, accelerator, rebuild: bool = False) -> list[Codebook]:
+    """Reuse each level's artifact when present and made for this teacher/layer/pool/K, else build all."""
+    levels = recipe.quest_levels()
+    layers, _ = teacher_layers(recipe)
+    resolved = [recipes.Level(**{**vars(lv), "teacher_layer": layer}) for lv, layer in zip(levels, layers)]
+    recipe = recipes.Recipe(**{**vars(recipe), "levels": resolved})
+    if not rebuild and all(Path(lv.codebook).is_file() for lv in resolved):
+        return [load_codebook(lv.codebook, expected_meta(recipe, lv)) for lv in resolved]
+    loader = feature_loader(
+        recipe.data,
+        seed=recipe.seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        max_images=recipe.codebook.max_images,
+    )
+    return build_codebooks(recipe, teacher, accelerator, loader)
+
+
+def build_student(recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], teacher_shapes) -> Student:
+    backbone = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
+    if not recipe.uses_quest:
+        return Student(backbone, [], [])
+    layers = student_layers(recipe)
+    shapes = map_shapes(backbone, layers, loaders.in_channels, loaders.image_size)
+    d = recipe.distill
+    heads = []
+    for i, (layer, s_shape, t_shape, book) in enumerate(zip(layers, shapes, teacher_shapes, codebooks)):
+        if s_shape[1:] != t_shape[1:]:
+            raise ModelError(
+                f"level {i}: student map {layer} is {tuple(s_shape)} (C×H×W) but the teacher map is "
+                f"{tuple(t_shape)}: the H×W must agree — set teacher.pool (e.g. 2 for a 2× smaller "
+                "student map) or choose other layers"
+            )
+        if book.centroids.shape[1] != t_shape[0]:
+            raise ModelError(
+                f"level {i}: codebook has {book.centroids.shape[1]}-dim words but the teacher map has "
+                f"{t_shape[0]} channels: rebuild the codebook for this teacher layer"
+            )
+        heads.append(CosineHead(s_shape[0], book.centroids.shape[0], d.gamma, d.learn_gamma, d.bias))
+    return Student(backbone, layers, heads)
+
+
+def lr_at(step: int, optim: Optim, steps_per_epoch: int, base_lr: float) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then step/cosine/constant."""
+    epoch = step / steps_per_epoch
+    if optim.warmup > 0 and epoch < optim.warmup:
+        return base_lr * (step + 1) / (optim.warmup * steps_per_epoch)
+    if optim.schedule == "step":
+        return base_lr * optim.decay ** sum(epoch >= m for m in optim.milestones)
+    if optim.schedule == "cosine":
+        progress = (epoch - optim.warmup) / max(optim.epochs - optim.warmup, 1e-9)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return base_lr
+
+
+def distill_loss(student, teacher, codebooks, levels, distill: recipes.Distill, images, labels, autocast):
+    """One micro-batch: (loss, named parts, student word scores, teacher targets)."""
+    teacher_logits, targets = None, []
+    if teacher is not None:
+        with torch.no_grad(), autocast():
+            teacher_logits, maps = teacher(images)
+        if codebooks:
+            targets = [
+                soft_assign(flatten_locations(m), cb.centroids, lv.beta, cb.sq_norms)
+                for m, cb, lv in zip(maps, codebooks, levels)
+            ]
+    with autocast():
+        logits, scores = student(images)
+    kd = None
+    if distill.method in ("kd", "quest+kd"):
+        kd = kd_loss(logits, teacher_logits, distill.kd_temperature)
+    loss, parts = total_loss(
+        logits,
+        labels,
+        ce_weight=distill.ce_weight,
+        quest_parts=[quest_loss(s, t) for s, t in zip(scores, targets)],
+        level_weights=[lv.weight for lv in levels],
+        quest_weight=distill.quest_weight,
+        kd=kd,
+        kd_weight=distill.kd_weight,
+    )
+    return loss, parts, scores, targets
+
+
+# --------------------------------------------------------------------------------------- the loop
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return {}
+    t_start = time.time()
+    recipe, accelerator, loaders = setup(argv[0], argv[1:])
+    run, dcfg = recipe.run, recipe.distill
+    run_dir, device = Path(run.dir), accelerator.device
+    main_proc = accelerator.is_main_process
+    log = MetricLogger(accelerator, run_dir, recipes.to_dict(recipe), run.wandb, run.wandb_project, recipe.name)
+    if main_proc:
+        artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
+        artifacts.save_json({**artifacts.provenance(), "world_size": accelerator.num_processes}, run_dir / "env.json")
+    memory = torch.channels_last if run.channels_last else torch.contiguous_format
+
+    teacher, codebooks, teacher_top1 = None, [], float("nan")
+    levels = recipe.quest_levels() if recipe.uses_quest else []
+    if recipe.uses_teacher:
+        teacher = build_teacher(recipe, loaders, device)
+        teacher.model.to(memory_format=memory)
+        teacher_top1 = check_teacher(recipe, teacher, loaders, accelerator)
+    if recipe.uses_quest:
+        codebooks = ensure_codebooks(recipe, teacher, accelerator)
+        codebooks = [cb.to(device) for cb in codebooks]
+    teacher_shapes = []
+    if recipe.uses_quest:
+        teacher_shapes = map_shapes(teacher.model, teacher.layers, loaders.in_channels, loaders.image_size)
+        teacher_shapes = [
+            torch.Size([s[0], s[1] // p, s[2] // p]) for s, p in zip(teacher_shapes, teacher.pools)
+        ]
+    torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
+    student = build_student(recipe, loaders, codebooks, teacher_shapes).to(device, memory_format=memory)
+    o = recipe.optim
+    base_lr = o.lr * recipe.data.batch_size / o.lr_batch if o.lr_batch else o.lr
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=base_lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
+    if run.compile:
+        student = torch.compile(student)
+        if teacher is not None:
+            teacher.model = torch.compile(teacher.model)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    state = checkpoint.LoopState()
+    accelerator.register_for_checkpointing(state)
+    resume = checkpoint.resume_point(accelerator, run_dir)
+    if resume:
+        accelerator.load_state(resume)
+        if main_proc:
+            print(f"resumed from {resume} (step {state.step}, epoch {state.epoch})", flush=True)
+
+    spe = loaders.train_batches.batches_per_epoch
+    total_steps = o.epochs * spe if not run.max_steps else min(run.max_steps, o.epochs * spe)
+    accum = run.grad_accum
+    sums: dict[str, torch.Tensor] = {}
+    bad_step = torch.tensor(-1, device=device)
+    diag: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    t_log, n_log, t_save = time.time(), 0, time.time()
+    stop_path = run_dir / STOP_FILE
+
+    def save_checkpoint():
+        check_finite(bad_step, resume)
+        checkpoint.save(accelerator, run_dir, state, run.keep_checkpoints)
+
+    stopped = False
+    while state.step < total_steps and not stopped:
+        epoch = state.epoch
+        loaders.train_batches.set_epoch(epoch, state.batch_in_epoch)
+        student.train()
+        bar = tqdm(total=spe, initial=state.batch_in_epoch, desc=f"epoch {epoch}", disable=not main_proc, leave=False)
+        for images, labels in loaders.train:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory)
+            labels = labels.to(device, non_blocking=True)
+            lr = lr_at(state.step, o, spe, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+                sync = i == accum - 1
+                with nullcontext() if sync else accelerator.no_sync(student):
+                    loss, parts, scores, targets = distill_loss(
+                        student, teacher, codebooks, levels, dcfg, x, y, accelerator.autocast
+                    )
+                    accelerator.backward(loss / accum)
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), o.clip_grad or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v
+            sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float()
+            state.step += 1
+            state.batch_in_epoch += 1
+            n_log += 1
+            bar.update(1)
+            last_step = state.step == total_steps
+            if state.step % run.log_every == 0 or last_step:
+                check_finite(bad_step, resume)
+                values = {k: float(accelerator.reduce(v.detach().float(), "mean")) / n_log for k, v in sums.items()}
+                if scores:
+                    diag = {k: float(accelerator.reduce(v, "mean")) for k, v in word_diagnostics(scores[0], targets[0]).items()}
+                    diag["gamma"] = float(accelerator.unwrap_model(student).heads[0].gamma.detach())
+                elapsed = time.time() - t_log
+                log.log({"step": state.step, "epoch": epoch, "lr": lr, **values, **diag,
+                         "img_per_s": n_log * recipe.data.batch_size / max(elapsed, 1e-9)})
+                sums, n_log, t_log = {}, 0, time.time()
+            stop_now = timed = False
+            if state.step % 10 == 0 or last_step:
+                stop_now, timed = poll(accelerator, stop_path, t_save, run.save_minutes)
+            if stop_now or timed or (run.save_every and state.step % run.save_every == 0 and not last_step):
+                save_checkpoint()
+                t_save = time.time()
+            if stop_now:
+                stopped = True
+                if main_proc:
+                    stop_path.unlink(missing_ok=True)
+                    print(f"STOP file seen: checkpoint written at step {state.step}, exiting", flush=True)
+                break
+            if last_step:
+                break
+        bar.close()
+        if stopped:
+            break
+        if state.batch_in_epoch >= spe or state.step == total_steps:
+            finished_epoch = state.batch_in_epoch >= spe
+            if finished_epoch:
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+            last = state.step == total_steps
+            if last or (finished_epoch and state.epoch % run.eval_every == 0):
+                t_eval = time.time()
+                student.eval()
+                last_eval = evaluate(_logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last)
+                state.best_top1 = max(state.best_top1, last_eval["top1"])
+                log.log({"step": state.step, "epoch": state.epoch, **last_eval, "best_top1": state.best_top1,
+                         "eval_s": time.time() - t_eval}, kind="eval")
+                t_log += time.time() - t_eval  # throughput excludes evaluation
+            if not run.save_every or last:
+                save_checkpoint()
+                t_save = time.time()
+
+    summary = {}
+    if not stopped and not last_eval:  # resumed a run that had already finished
+        student.eval()
+        last_eval = evaluate(_logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last)
+    if not stopped:
+        summary = finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start)
+    log.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _logits_only(student):
+    def forward(x):
+        return student(x)[0]
+
+    return forward
+
+
+def check_finite(bad_step: torch.Tensor, resume: str | None) -> None:
+    step = int(bad_step)
+    if step >= 0:
+        raise TrainingError(
+            f"the loss became NaN/inf at optimizer step {step}: stopping. The last good checkpoint is "
+            "the newest complete one in run.dir/checkpoints (no checkpoint is written after this); "
+            "lower optim.lr, enable optim.clip_grad or use run.precision = 'bf16' instead of 'fp16'"
+        )
+
+
+def poll(accelerator, stop_path: Path, t_save: float, save_minutes: float) -> tuple[bool, bool]:
+    """Rank 0 decides (STOP file present, wall-clock save due); every rank gets the same answer."""
+    main = accelerator.is_main_process
+    due = save_minutes > 0 and time.time() - t_save > 60 * save_minutes
+    flags = torch.tensor([float(main and stop_path.exists()), float(main and due)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+    return bool(flags[0]), bool(flags[1])
+
+
+def finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start) -> dict:
+    run_dir = Path(recipe.run.dir)
+    summary = {
+        "name": recipe.name,
+        "method": recipe.distill.method,
+        "top1": last_eval.get("top1"),
+        "top5": last_eval.get("top5"),
+        "best_top1": state.best_top1,
+        "teacher_top1_sample": teacher_top1,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "world_size": accelerator.num_processes,
+        "eval_count": last_eval.get("count"),
+        "wall_s": round(time.time() - t_start, 1),
+        **{f"final_{k}": v for k, v in diag.items()},
+    }
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(student)
+        meta = {"arch": recipe.student.arch, "num_classes": loaders.num_classes,
+                "in_channels": loaders.in_channels, "recipe": recipes.to_dict(recipe), "summary": summary}
+        checkpoint.export_student(run_dir / "student.pt", model.backbone, model.heads, meta)
+        artifacts.save_json(summary, run_dir / "summary.json")
+        plot_curves(run_dir)
+        print(f"done: top1 {summary['top1']:.2f} (best {state.best_top1:.2f}) in {summary['wall_s']} s "
+              f"-> {run_dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
