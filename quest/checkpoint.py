@@ -70,7 +70,11 @@ def complete(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file())
+    return sorted(
+        p
+        for p in root.glob("step_*")
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / MARKER).is_file()
+    )
 
 
 def verify(path: Path) -> str | None:
@@ -113,7 +117,9 @@ def resume_point(accelerator, run_dir: Path) -> str | None:
     return choice[0]
 
 
-def export_student(path: Path, backbone: torch.nn.Module, heads: torch.nn.Module, meta: dict) -> None:
+def export_student(
+    path: Path, backbone: torch.nn.Module, heads: torch.nn.Module, meta: dict
+) -> None:
     """student.pt: {'model': backbone state dict (loads as a teacher, RepDistiller-style), 'heads', meta}."""
     artifacts.save_torch(
         {"model": backbone.state_dict(), "heads": heads.state_dict(), "meta": meta}, path

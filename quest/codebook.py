@@ -63,10 +63,14 @@ def teacher_weights_id(checkpoint: str) -> str:
 
 def save_codebook(path: str | Path, centroids: torch.Tensor, meta: dict) -> Path:
     meta = {"format": FORMAT, **meta, **artifacts.provenance()}
-    return artifacts.save_torch({"centroids": centroids.float().cpu().contiguous(), "meta": meta}, path)
+    return artifacts.save_torch(
+        {"centroids": centroids.float().cpu().contiguous(), "meta": meta}, path
+    )
 
 
-def load_codebook(path: str | Path, expect: dict | None = None, channels: int | None = None) -> Codebook:
+def load_codebook(
+    path: str | Path, expect: dict | None = None, channels: int | None = None
+) -> Codebook:
     """Load and validate an artifact; `expect` fields (MATCH_FIELDS) must equal the artifact's."""
     path = Path(path)
     if not path.is_file():
@@ -78,8 +82,14 @@ def load_codebook(path: str | Path, expect: dict | None = None, channels: int | 
         raise CodebookError(f"{path} is not a readable quest codebook: {err}") from None
     if meta.get("format") != FORMAT:
         raise CodebookError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if centroids.ndim != 2 or centroids.shape[0] != meta.get("size") or not torch.isfinite(centroids).all():
-        raise CodebookError(f"{path}: centroids {tuple(centroids.shape)} are malformed or not finite")
+    if (
+        centroids.ndim != 2
+        or centroids.shape[0] != meta.get("size")
+        or not torch.isfinite(centroids).all()
+    ):
+        raise CodebookError(
+            f"{path}: centroids {tuple(centroids.shape)} are malformed or not finite"
+        )
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             raise CodebookError(
@@ -134,7 +144,9 @@ def extract_samples(
     teacher, loader, capacities: list[int], device, autocast, seed: int, rank: int
 ) -> list[VectorSample]:
     """One pass of the teacher over this rank's images; a bounded sample of vectors per level."""
-    samples = [VectorSample(c, torch.Generator().manual_seed(seed * 1000 + rank)) for c in capacities]
+    samples = [
+        VectorSample(c, torch.Generator().manual_seed(seed * 1000 + rank)) for c in capacities
+    ]
     for images, _ in tqdm(loader, desc="teacher features", disable=rank != 0, leave=False):
         with autocast():
             _, maps = teacher(images.to(device, non_blocking=True))
@@ -154,7 +166,13 @@ def build_codebooks(recipe: Recipe, teacher, accelerator, loader) -> list[Codebo
     capacity = 0 if cb.refine_iterations > 0 else per_rank
     t0 = time.time()
     samples = extract_samples(
-        teacher, loader, [capacity] * len(levels), accelerator.device, accelerator.autocast, seed, rank
+        teacher,
+        loader,
+        [capacity] * len(levels),
+        accelerator.device,
+        accelerator.autocast,
+        seed,
+        rank,
     )
     books = []
     for level, sample in zip(levels, samples):
@@ -164,32 +182,39 @@ def build_codebooks(recipe: Recipe, teacher, accelerator, loader) -> list[Codebo
         counts = torch.tensor([sample.rows.shape[0]], device=accelerator.device)
         n_rank = int(accelerator.gather(counts).min())
         local = sample.take(min(n_rank, per_rank) if per_rank else n_rank).to(accelerator.device)
+        if (
+            local.shape[0] * world < cb.size
+        ):  # every rank knows the total: all fail with one message
+            raise CodebookError(
+                f"codebook.size K={cb.size} is larger than the {local.shape[0] * world} teacher feature "
+                f"vectors gathered for level {level.teacher_layer}: lower codebook.size or raise "
+                "codebook.max_vectors / codebook.max_images"
+            )
         pooled = _gather_to_main(local, world)
-        channels = local.shape[1]
-        centroids = torch.empty(cb.size, channels, device=accelerator.device)
+        centroids = torch.empty(cb.size, local.shape[1], device=accelerator.device)
         result: KMeansResult | None = None
-        error = torch.zeros(1, device=accelerator.device)
         if accelerator.is_main_process:
-            try:
-                result = fit_kmeans(pooled.cpu(), cb.size, cb.iterations, seed, 0, cb.gpu)
-                centroids.copy_(result.centroids)
-            except ValueError as err:
-                print(f"codebook: {err}", file=sys.stderr)
-                error += 1
-        if int(accelerator.reduce(error, "sum")) > 0:
-            raise CodebookError("k-means failed on rank 0 (see the message above)")
+            result = fit_kmeans(pooled.cpu(), cb.size, cb.iterations, seed, 0, cb.gpu)
+            centroids.copy_(result.centroids)
         if world > 1:
             dist.broadcast(centroids, src=0)
         refine_history: list[float] = []
         if cb.refine_iterations > 0:
             everything = sample.rows.to(accelerator.device)
             centroids, refine_history = lloyd_refine(everything, centroids, cb.refine_iterations)
+        # Every rank must now hold the same words: compare fingerprints rather than trust it.
+        fingerprint = centroids.double().sum(1)
+        if world > 1 and not (accelerator.gather(fingerprint[None]) == fingerprint).all():
+            raise CodebookError("ranks disagree on the codebook after the broadcast")
         meta = {
             **expected_meta(recipe, level),
+            "ranks_checked_identical": world,
             "beta": level.beta,
             "seed": seed,
             "iterations": cb.iterations,
-            "vectors_seen": int(accelerator.reduce(torch.tensor([sample.seen], device=accelerator.device), "sum")),
+            "vectors_seen": int(
+                accelerator.reduce(torch.tensor([sample.seen], device=accelerator.device), "sum")
+            ),
             "vectors_used": result.vectors_used if result else None,
             "objective": result.objective if result else None,
             "refine_objective": refine_history,
@@ -235,4 +260,6 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
 
 
 if __name__ == "__main__":
-    main()
+    from .train import cli
+
+    cli(main)

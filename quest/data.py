@@ -68,7 +68,11 @@ class ImageList(Dataset):
 
     def subset(self, indices) -> ImageList:
         indices = list(indices)
-        images = self.images[indices] if torch.is_tensor(self.images) else [self.images[i] for i in indices]
+        images = (
+            self.images[indices]
+            if torch.is_tensor(self.images)
+            else [self.images[i] for i in indices]
+        )
         return ImageList(images, [self.labels[i] for i in indices], self.classes, self.channels)
 
 
@@ -92,7 +96,18 @@ def fashion_mnist(root: str, train: bool) -> ImageList:
             if images.exists() and labels.exists():
                 x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
                 y = _read_idx(labels).astype(np.int64).tolist()
-                classes = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+                classes = [
+                    "tshirt",
+                    "trouser",
+                    "pullover",
+                    "dress",
+                    "coat",
+                    "sandal",
+                    "shirt",
+                    "sneaker",
+                    "bag",
+                    "boot",
+                ]
                 return ImageList(x, y, classes, 1)
     raise DataError(
         f"Fashion-MNIST files '{prefix}-images-idx3-ubyte[.gz]' not found under {base}: "
@@ -142,7 +157,9 @@ def mit67(root: str, train: bool) -> ImageList:
     return ImageList(files, [index[e.split("/")[0]] for e in entries], classes, 3)
 
 
-def synthetic(size: int, classes: int, channels: int, image_size: int, seed: int = 1234) -> ImageList:
+def synthetic(
+    size: int, classes: int, channels: int, image_size: int, seed: int = 1234
+) -> ImageList:
     """An easy, fixed task for tests: each class is a random 4×4 block pattern plus pixel noise."""
     g = torch.Generator().manual_seed(1234)  # the class templates are shared by both splits
     blocks = (torch.rand(classes, channels, 4, 4, generator=g) > 0.5).float() * 0.6 + 0.2
@@ -179,7 +196,9 @@ def load_split(cfg: Data, train: bool) -> ImageList:
             size = cfg.synthetic_size if train else max(cfg.synthetic_size // 4, 1)
             fam = family(cfg)
             channels = 1 if fam == "mnist" else 3
-            return synthetic(size, cfg.synthetic_classes, channels, image_size(cfg), seed=1234 + (not train))
+            return synthetic(
+                size, cfg.synthetic_classes, channels, image_size(cfg), seed=1234 + (not train)
+            )
     raise DataError(f"dataset {cfg.dataset!r} has no map-style reader")
 
 
@@ -203,7 +222,9 @@ def splits(cfg: Data, seed: int) -> tuple[ImageList, ImageList]:
     if cfg.per_class or cfg.keep_fraction < 1.0:
         train = per_class_subset(train, cfg.per_class, cfg.keep_fraction)
     if cfg.val_fraction > 0:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+        perm = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(seed + 7919)
+        ).tolist()
         n_val = int(len(train) * cfg.val_fraction)
         return train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
     return train, load_split(cfg, train=False)
@@ -227,7 +248,9 @@ def transforms(cfg: Data, train: bool) -> Callable:
         geometry = (
             [v2.RandomCrop(size, padding=pad, padding_mode="reflect"), v2.RandomHorizontalFlip()]
             if train
-            else [v2.Resize(size, antialias=True)] if cfg.image_size else []
+            else [v2.Resize(size, antialias=True)]
+            if cfg.image_size
+            else []
         )
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
@@ -248,7 +271,9 @@ class Transformed(Dataset):
         if epoch is None:
             return self.transform(img), label
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            torch.default_generator.manual_seed(
+                (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+            )
             return self.transform(img), label
 
 
@@ -279,7 +304,9 @@ class TrainBatches:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         reps = math.ceil(self.samples / self.n)
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.samples]
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[
+            : self.samples
+        ]
         mine = order[self.rank :: self.world].tolist()
         for b in range(self.start, self.batches_per_epoch):
             yield [(i, self.epoch) for i in mine[b * self.batch : (b + 1) * self.batch]]
@@ -331,8 +358,12 @@ def build_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool = Fa
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
     batches = TrainBatches(len(train), batch, rank, world, seed, cfg.epoch_size)
     kw = _loader_kwargs(cfg, pin)
-    train_loader = DataLoader(Transformed(train, transforms(cfg, True), seed), batch_sampler=batches, **kw)
-    eval_set = Transformed(held.subset(rank_slice(len(held), rank, world)), transforms(cfg, False), seed)
+    train_loader = DataLoader(
+        Transformed(train, transforms(cfg, True), seed), batch_sampler=batches, **kw
+    )
+    eval_set = Transformed(
+        held.subset(rank_slice(len(held), rank, world)), transforms(cfg, False), seed
+    )
     eval_loader = DataLoader(eval_set, batch_size=eval_batch, shuffle=False, **kw)
     return Loaders(
         train=train_loader,
@@ -346,7 +377,9 @@ def build_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool = Fa
     )
 
 
-def feature_loader(cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0) -> DataLoader:
+def feature_loader(
+    cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0
+) -> DataLoader:
     """The training images under the *evaluation* transforms (codebook stage), split across ranks.
     max_images > 0 takes a seeded random subset of that many images first."""
     if cfg.dataset == "wds":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,9 @@ def evaluate(
     """forward(images) → logits. Each sample counted once: the loaders give every rank disjoint samples."""
     device = accelerator.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
-    for i, (images, labels) in enumerate(tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False)):
+    for i, (images, labels) in enumerate(
+        tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False)
+    ):
         if max_batches and i >= max_batches:
             break
         images = images.to(device, non_blocking=True)
@@ -80,11 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
         model = model.to(memory_format=torch.channels_last)
     result = evaluate(model, loaders.eval, accelerator, channels_last=recipe.run.channels_last)
     if accelerator.is_main_process:
-        print(f"{what}: top1 {result['top1']:.2f} top5 {result['top5']:.2f} loss {result['loss']:.4f} "
-              f"on {result['count']} images")
+        print(
+            f"{what}: top1 {result['top1']:.2f} top5 {result['top5']:.2f} loss {result['loss']:.4f} "
+            f"on {result['count']} images"
+        )
         print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from .train import cli
+
+    cli(main)

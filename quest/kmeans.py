@@ -108,7 +108,9 @@ def assign_chunked(
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dmin = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for s in range(0, x.shape[0], chunk):
-        dmin[s : s + chunk], idx[s : s + chunk] = squared_distances(x[s : s + chunk], centroids).min(1)
+        dmin[s : s + chunk], idx[s : s + chunk] = squared_distances(
+            x[s : s + chunk], centroids
+        ).min(1)
     return idx, dmin
 
 
@@ -135,7 +137,9 @@ def lloyd_refine(
             best, best_obj = c.clone(), history[-1]
         if it == iterations:
             break
-        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(0, idx, x.double())
+        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(
+            0, idx, x.double()
+        )
         counts = torch.bincount(idx, minlength=k).double()
         _all_reduce(sums)
         _all_reduce(counts)

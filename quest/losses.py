@@ -56,7 +56,14 @@ class CosineHead(nn.Module):
     Input B×C×H×W, output B×K×H×W (the student's logits over visual words at every location).
     """
 
-    def __init__(self, channels: int, words: int, gamma: float = 3.0, learn_gamma: bool = True, bias: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        words: int,
+        gamma: float = 3.0,
+        learn_gamma: bool = True,
+        bias: bool = False,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(words, channels) * math.sqrt(2.0 / channels))
         gamma_t = torch.tensor(float(gamma))
@@ -86,7 +93,9 @@ def quest_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, targets, reduction="batchmean")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Hinton KD: T² · KL(softmax(t/T) || softmax(s/T)), batchmean (B×classes inputs, float32)."""
     t = temperature
     log_q = (student_logits.float() / t).log_softmax(dim=1)

@@ -12,7 +12,9 @@ from . import artifacts
 
 
 class MetricLogger:
-    def __init__(self, accelerator, run_dir: Path, recipe_dict: dict, wandb: bool, project: str, name: str):
+    def __init__(
+        self, accelerator, run_dir: Path, recipe_dict: dict, wandb: bool, project: str, name: str
+    ):
         self.accelerator, self.run_dir = accelerator, Path(run_dir)
         self.main = accelerator.is_main_process
         self.wandb = wandb
@@ -27,7 +29,14 @@ class MetricLogger:
             accelerator.init_trackers(
                 project,
                 config=recipe_dict,
-                init_kwargs={"wandb": {"id": run_id, "resume": "allow", "dir": str(self.run_dir), "name": name}},
+                init_kwargs={
+                    "wandb": {
+                        "id": run_id,
+                        "resume": "allow",
+                        "dir": str(self.run_dir),
+                        "name": name,
+                    }
+                },
             )
             if self.main:
                 run = accelerator.get_tracker("wandb", unwrap=True)
@@ -43,7 +52,9 @@ class MetricLogger:
             f.write(json.dumps(record) + "\n")
         print(format_line(record), flush=True)
         if self.wandb:
-            self.accelerator.log({f"{kind}/{k}" if k != "step" else k: v for k, v in record.items() if k != "kind"})
+            self.accelerator.log(
+                {f"{kind}/{k}" if k != "step" else k: v for k, v in record.items() if k != "kind"}
+            )
 
     def close(self) -> None:
         if self.wandb:

@@ -36,7 +36,9 @@ def _f(default: Any, help: str, choices: tuple | None = None, factory: Any = Non
 class Run:
     """Where and how the run executes."""
 
-    dir: str = _f("runs/default", "run directory: checkpoints, metrics.jsonl, summary.json, student.pt")
+    dir: str = _f(
+        "runs/default", "run directory: checkpoints, metrics.jsonl, summary.json, student.pt"
+    )
     precision: str = _f("no", "autocast precision of teacher and student", ("no", "bf16", "fp16"))
     cpu: bool = _f(False, "force CPU even when CUDA is present (CPU multi-process runs use gloo)")
     channels_last: bool = _f(True, "channels_last memory format for conv nets (faster with bf16)")
@@ -49,7 +51,9 @@ class Run:
     grad_accum: int = _f(1, "micro-batches per optimizer step (batch_size is per optimizer step)")
     wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = _f("quest", "W&B project name")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = the full schedule); for smoke runs")
+    max_steps: int = _f(
+        0, "stop after this many optimizer steps (0 = the full schedule); for smoke runs"
+    )
 
 
 @dataclass
@@ -67,17 +71,24 @@ class Data:
     num_workers: int = _f(2, "DataLoader workers per process")
     image_size: int = _f(0, "training resolution; 0 = the dataset's default (32, 28 or 224)")
     num_classes: int = _f(0, "classes; 0 = the dataset's own count")
-    train_shards: str = _f("", "WebDataset train shards (brace pattern or list file), dataset='wds'")
+    train_shards: str = _f(
+        "", "WebDataset train shards (brace pattern or list file), dataset='wds'"
+    )
     val_shards: str = _f("", "WebDataset validation shards, dataset='wds'")
     transforms: str = _f(
-        "", "transform family for folder/wds data; '' = the dataset's own", ("", "cifar", "imagenet", "mnist")
+        "",
+        "transform family for folder/wds data; '' = the dataset's own",
+        ("", "cifar", "imagenet", "mnist"),
     )
     val_fraction: float = _f(
-        0.0, "hold out this fraction of the training set as the evaluation set (tuning without the test set)"
+        0.0,
+        "hold out this fraction of the training set as the evaluation set (tuning without the test set)",
     )
     per_class: int = _f(0, "keep only the first N training images of each class (0 = all)")
     keep_fraction: float = _f(1.0, "then keep the first fraction of those (MIT-67 rule: 0.8)")
-    epoch_size: int = _f(0, "repeat the training subset to about this many samples per epoch (0 = off)")
+    epoch_size: int = _f(
+        0, "repeat the training subset to about this many samples per epoch (0 = off)"
+    )
     synthetic_size: int = _f(512, "synthetic dataset: training images")
     synthetic_classes: int = _f(4, "synthetic dataset: classes")
 
@@ -91,7 +102,13 @@ class Teacher:
         "", "state-dict file (RepDistiller dicts with 'model' work) or a torchvision weights name"
     )
     layer: str = _f("", "module path of the feature map; '' = the architecture's default")
-    pool: int = _f(1, "average-pool the teacher map with this kernel and stride (2 for MobileNet/ShuffleNet)")
+    pool: int = _f(
+        1, "average-pool the teacher map with this kernel and stride (2 for MobileNet/ShuffleNet)"
+    )
+    recipe: str = _f(
+        "",
+        "recipe that trains this teacher first when teacher.checkpoint is missing (its student.pt)",
+    )
     min_top1: float = _f(
         -1.0,
         "refuse a teacher whose top-1 on 512 evaluation images is below this (%); -1 = 2 × chance",
@@ -155,12 +172,16 @@ class Optim:
 
     epochs: int = _f(1, "training epochs")
     lr: float = _f(0.05, "peak learning rate at the reference batch size")
-    lr_batch: int = _f(0, "reference batch for linear LR scaling (lr × batch_size / lr_batch); 0 = off")
+    lr_batch: int = _f(
+        0, "reference batch for linear LR scaling (lr × batch_size / lr_batch); 0 = off"
+    )
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(True, "Nesterov momentum")
     weight_decay: float = _f(5e-4, "weight decay on every parameter")
     schedule: str = _f("step", "LR schedule", ("step", "cosine", "constant"))
-    milestones: list[int] = _f(None, "epochs where the step schedule multiplies the LR by decay", factory=list)
+    milestones: list[int] = _f(
+        None, "epochs where the step schedule multiplies the LR by decay", factory=list
+    )
     decay: float = _f(0.1, "step schedule factor")
     warmup: float = _f(0.0, "linear warm-up length in epochs")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value; 0 = off (the norm is logged)")
@@ -177,7 +198,9 @@ class Recipe:
     codebook: Codebook = _f(None, "codebook", factory=Codebook)
     distill: Distill = _f(None, "objective", factory=Distill)
     optim: Optim = _f(None, "optimizer", factory=Optim)
-    levels: list[Level] = _f(None, "multi-level QuEST; empty = one level from teacher/student/codebook", factory=list)
+    levels: list[Level] = _f(
+        None, "multi-level QuEST; empty = one level from teacher/student/codebook", factory=list
+    )
 
     def quest_levels(self) -> list[Level]:
         """The QuEST levels to train: [[levels]] when given, else one built from the single-level keys."""
@@ -203,7 +226,9 @@ class Recipe:
 
 
 SECTIONS = {
-    name: tp for name, tp in typing.get_type_hints(Recipe).items() if name not in ("name", "seed", "levels")
+    name: tp
+    for name, tp in typing.get_type_hints(Recipe).items()
+    if name not in ("name", "seed", "levels")
 }
 
 
@@ -311,11 +336,18 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"'{key}' must be positive, got {value}")
     if recipe.optim.lr <= 0:
         raise RecipeError(f"'optim.lr' must be positive, got {recipe.optim.lr}")
+    if recipe.optim.nesterov and recipe.optim.momentum <= 0:
+        raise RecipeError(
+            "'optim.nesterov' needs optim.momentum > 0: set nesterov = false or a momentum"
+        )
     if not 0.0 <= recipe.data.val_fraction < 1.0:
         raise RecipeError(f"'data.val_fraction' must be in [0, 1), got {recipe.data.val_fraction}")
     if not 0.0 < recipe.data.keep_fraction <= 1.0:
-        raise RecipeError(f"'data.keep_fraction' must be in (0, 1], got {recipe.data.keep_fraction}")
-    if recipe.optim.milestones != sorted(recipe.optim.milestones):
+        raise RecipeError(
+            f"'data.keep_fraction' must be in (0, 1], got {recipe.data.keep_fraction}"
+        )
+    milestones = recipe.optim.milestones
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
         raise RecipeError(f"'optim.milestones' must increase, got {recipe.optim.milestones}")
     if recipe.uses_teacher and not recipe.teacher.arch:
         raise RecipeError(
@@ -371,7 +403,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        # A JSON string is a TOML basic string, except that JSON writes characters outside the BMP as
+        # surrogate-pair escapes (invalid in TOML) and leaves DEL raw (TOML wants it escaped).
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
@@ -392,11 +426,13 @@ def to_toml(recipe: Recipe) -> str:
 def describe() -> str:
     """Every section and key with its type, default and documentation (`python -m quest.recipe`)."""
     out = []
-    for cls, name in [(Recipe, "")] + [(tp, n) for n, tp in SECTIONS.items()] + [(Level, "[levels]")]:
+    for cls, name in (
+        [(Recipe, "")] + [(tp, n) for n, tp in SECTIONS.items()] + [(Level, "[levels]")]
+    ):
         out.append(f"[{name}]" if name and not name.startswith("[") else name or "(top level)")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in SECTIONS or f.name == "levels":
+            if cls is Recipe and (f.name in SECTIONS or f.name == "levels"):
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             choices = f.metadata.get("choices")

@@ -71,7 +71,11 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     ]
     if missing or unexpected or shapes:
         parts = [f"{source} does not match {type(model).__name__}:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
             if items:
                 more = f" … (+{len(items) - 8} more)" if len(items) > 8 else ""
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{more}")
@@ -81,7 +85,9 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 @torch.no_grad()
-def map_shapes(model: nn.Module, layers: list[str], in_channels: int, size: int) -> list[torch.Size]:
+def map_shapes(
+    model: nn.Module, layers: list[str], in_channels: int, size: int
+) -> list[torch.Size]:
     """C×H×W of each named map for one input of size×size (eval mode, then the mode is restored)."""
     was_training = model.training
     model.eval()

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from . import artifacts, checkpoint
 from . import recipe as recipes
-from .codebook import Codebook, build_codebooks, expected_meta, load_codebook
-from .data import Loaders, build_loaders, feature_loader
+from .codebook import Codebook, CodebookError, build_codebooks, expected_meta, load_codebook
+from .data import DataError, Loaders, build_loaders, feature_loader
 from .evaluate import evaluate
 from .losses import (
     CosineHead,
@@ -100,7 +100,9 @@ def build_teacher(recipe: Recipe, loaders: Loaders, device=None) -> FrozenTeache
     cfg = recipe.teacher
     source = cfg.checkpoint
     if not source:
-        raise ModelError("teacher.checkpoint is empty: give a state-dict file or a torchvision weights name")
+        raise ModelError(
+            "teacher.checkpoint is empty: give a state-dict file or a torchvision weights name"
+        )
     is_file_like = "/" in source or source.endswith((".pt", ".pth", ".bin"))
     if Path(source).is_file():
         model = build_model(cfg.arch, loaders.num_classes, loaders.in_channels)
@@ -122,9 +124,15 @@ def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, acce
     floor = recipe.teacher.min_top1 if recipe.teacher.min_top1 >= 0 else 200.0 / loaders.num_classes
     if floor == 0:
         return float("nan")
-    n_batches = max(1, math.ceil(512 / max(recipe.data.eval_batch_size or 2 * recipe.data.batch_size, 1)))
+    n_batches = max(
+        1, math.ceil(512 / max(recipe.data.eval_batch_size or 2 * recipe.data.batch_size, 1))
+    )
     result = evaluate(
-        teacher.model, loaders.eval, accelerator, max_batches=n_batches, channels_last=recipe.run.channels_last
+        teacher.model,
+        loaders.eval,
+        accelerator,
+        max_batches=n_batches,
+        channels_last=recipe.run.channels_last,
     )
     if result["top1"] < floor:
         raise TrainingError(
@@ -135,11 +143,15 @@ def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, acce
     return result["top1"]
 
 
-def ensure_codebooks(recipe: Recipe, teacher: FrozenTeacher, accelerator, rebuild: bool = False) -> list[Codebook]:
+def ensure_codebooks(
+    recipe: Recipe, teacher: FrozenTeacher, accelerator, rebuild: bool = False
+) -> list[Codebook]:
     """Reuse each level's artifact when present and made for this teacher/layer/pool/K, else build all."""
     levels = recipe.quest_levels()
     layers, _ = teacher_layers(recipe)
-    resolved = [recipes.Level(**{**vars(lv), "teacher_layer": layer}) for lv, layer in zip(levels, layers)]
+    resolved = [
+        recipes.Level(**{**vars(lv), "teacher_layer": layer}) for lv, layer in zip(levels, layers)
+    ]
     recipe = recipes.Recipe(**{**vars(recipe), "levels": resolved})
     if not rebuild and all(Path(lv.codebook).is_file() for lv in resolved):
         return [load_codebook(lv.codebook, expected_meta(recipe, lv)) for lv in resolved]
@@ -153,7 +165,9 @@ def ensure_codebooks(recipe: Recipe, teacher: FrozenTeacher, accelerator, rebuil
     return build_codebooks(recipe, teacher, accelerator, loader)
 
 
-def build_student(recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], teacher_shapes) -> Student:
+def build_student(
+    recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], teacher_shapes
+) -> Student:
     backbone = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
     if not recipe.uses_quest:
         return Student(backbone, [], [])
@@ -161,7 +175,9 @@ def build_student(recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], t
     shapes = map_shapes(backbone, layers, loaders.in_channels, loaders.image_size)
     d = recipe.distill
     heads = []
-    for i, (layer, s_shape, t_shape, book) in enumerate(zip(layers, shapes, teacher_shapes, codebooks)):
+    for i, (layer, s_shape, t_shape, book) in enumerate(
+        zip(layers, shapes, teacher_shapes, codebooks)
+    ):
         if s_shape[1:] != t_shape[1:]:
             raise ModelError(
                 f"level {i}: student map {layer} is {tuple(s_shape)} (C×H×W) but the teacher map is "
@@ -173,7 +189,9 @@ def build_student(recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], t
                 f"level {i}: codebook has {book.centroids.shape[1]}-dim words but the teacher map has "
                 f"{t_shape[0]} channels: rebuild the codebook for this teacher layer"
             )
-        heads.append(CosineHead(s_shape[0], book.centroids.shape[0], d.gamma, d.learn_gamma, d.bias))
+        heads.append(
+            CosineHead(s_shape[0], book.centroids.shape[0], d.gamma, d.learn_gamma, d.bias)
+        )
     return Student(backbone, layers, heads)
 
 
@@ -190,7 +208,9 @@ def lr_at(step: int, optim: Optim, steps_per_epoch: int, base_lr: float) -> floa
     return base_lr
 
 
-def distill_loss(student, teacher, codebooks, levels, distill: recipes.Distill, images, labels, autocast):
+def distill_loss(
+    student, teacher, codebooks, levels, distill: recipes.Distill, images, labels, autocast
+):
     """One micro-batch: (loss, named parts, student word scores, teacher targets)."""
     teacher_logits, targets = None, []
     if teacher is not None:
@@ -228,14 +248,29 @@ def main(argv: list[str] | None = None) -> dict:
         print(__doc__)
         return {}
     t_start = time.time()
+    pre = recipes.load(argv[0], argv[1:])
+    if pre.uses_teacher and pre.teacher.recipe and not Path(pre.teacher.checkpoint).exists():
+        main(
+            [pre.teacher.recipe]
+        )  # train the teacher first (quickstart); its student.pt is the checkpoint
+        if not Path(pre.teacher.checkpoint).exists():
+            raise TrainingError(
+                f"teacher.recipe {pre.teacher.recipe} ran but did not write teacher.checkpoint "
+                f"{pre.teacher.checkpoint}: its run.dir must be {Path(pre.teacher.checkpoint).parent}"
+            )
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
     run, dcfg = recipe.run, recipe.distill
     run_dir, device = Path(run.dir), accelerator.device
     main_proc = accelerator.is_main_process
-    log = MetricLogger(accelerator, run_dir, recipes.to_dict(recipe), run.wandb, run.wandb_project, recipe.name)
+    log = MetricLogger(
+        accelerator, run_dir, recipes.to_dict(recipe), run.wandb, run.wandb_project, recipe.name
+    )
     if main_proc:
         artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
-        artifacts.save_json({**artifacts.provenance(), "world_size": accelerator.num_processes}, run_dir / "env.json")
+        artifacts.save_json(
+            {**artifacts.provenance(), "world_size": accelerator.num_processes},
+            run_dir / "env.json",
+        )
     memory = torch.channels_last if run.channels_last else torch.contiguous_format
 
     teacher, codebooks, teacher_top1 = None, [], float("nan")
@@ -249,16 +284,24 @@ def main(argv: list[str] | None = None) -> dict:
         codebooks = [cb.to(device) for cb in codebooks]
     teacher_shapes = []
     if recipe.uses_quest:
-        teacher_shapes = map_shapes(teacher.model, teacher.layers, loaders.in_channels, loaders.image_size)
+        teacher_shapes = map_shapes(
+            teacher.model, teacher.layers, loaders.in_channels, loaders.image_size
+        )
         teacher_shapes = [
             torch.Size([s[0], s[1] // p, s[2] // p]) for s, p in zip(teacher_shapes, teacher.pools)
         ]
     torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
-    student = build_student(recipe, loaders, codebooks, teacher_shapes).to(device, memory_format=memory)
+    student = build_student(recipe, loaders, codebooks, teacher_shapes).to(
+        device, memory_format=memory
+    )
     o = recipe.optim
     base_lr = o.lr * recipe.data.batch_size / o.lr_batch if o.lr_batch else o.lr
     optimizer = torch.optim.SGD(
-        student.parameters(), lr=base_lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        student.parameters(),
+        lr=base_lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
     )
     if run.compile:
         student = torch.compile(student)
@@ -292,7 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
         epoch = state.epoch
         loaders.train_batches.set_epoch(epoch, state.batch_in_epoch)
         student.train()
-        bar = tqdm(total=spe, initial=state.batch_in_epoch, desc=f"epoch {epoch}", disable=not main_proc, leave=False)
+        bar = tqdm(
+            total=spe,
+            initial=state.batch_in_epoch,
+            desc=f"epoch {epoch}",
+            disable=not main_proc,
+            leave=False,
+        )
         for images, labels in loaders.train:
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory)
             labels = labels.to(device, non_blocking=True)
@@ -306,10 +355,14 @@ def main(argv: list[str] | None = None) -> dict:
                         student, teacher, codebooks, levels, dcfg, x, y, accelerator.autocast
                     )
                     accelerator.backward(loss / accum)
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), o.clip_grad or float("inf"))
+            grad_norm = accelerator.clip_grad_norm_(
+                student.parameters(), o.clip_grad or float("inf")
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step)
+            bad_step = torch.where(
+                (bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step
+            )
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v
             sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float()
@@ -320,25 +373,46 @@ def main(argv: list[str] | None = None) -> dict:
             last_step = state.step == total_steps
             if state.step % run.log_every == 0 or last_step:
                 check_finite(bad_step, resume)
-                values = {k: float(accelerator.reduce(v.detach().float(), "mean")) / n_log for k, v in sums.items()}
+                values = {
+                    k: float(accelerator.reduce(v.detach().float(), "mean")) / n_log
+                    for k, v in sums.items()
+                }
                 if scores:
-                    diag = {k: float(accelerator.reduce(v, "mean")) for k, v in word_diagnostics(scores[0], targets[0]).items()}
+                    diag = {
+                        k: float(accelerator.reduce(v, "mean"))
+                        for k, v in word_diagnostics(scores[0], targets[0]).items()
+                    }
                     diag["gamma"] = float(accelerator.unwrap_model(student).heads[0].gamma.detach())
                 elapsed = time.time() - t_log
-                log.log({"step": state.step, "epoch": epoch, "lr": lr, **values, **diag,
-                         "img_per_s": n_log * recipe.data.batch_size / max(elapsed, 1e-9)})
+                log.log(
+                    {
+                        "step": state.step,
+                        "epoch": epoch,
+                        "lr": lr,
+                        **values,
+                        **diag,
+                        "img_per_s": n_log * recipe.data.batch_size / max(elapsed, 1e-9),
+                    }
+                )
                 sums, n_log, t_log = {}, 0, time.time()
             stop_now = timed = False
             if state.step % 10 == 0 or last_step:
                 stop_now, timed = poll(accelerator, stop_path, t_save, run.save_minutes)
-            if stop_now or timed or (run.save_every and state.step % run.save_every == 0 and not last_step):
+            if (
+                stop_now
+                or timed
+                or (run.save_every and state.step % run.save_every == 0 and not last_step)
+            ):
                 save_checkpoint()
                 t_save = time.time()
             if stop_now:
                 stopped = True
                 if main_proc:
                     stop_path.unlink(missing_ok=True)
-                    print(f"STOP file seen: checkpoint written at step {state.step}, exiting", flush=True)
+                    print(
+                        f"STOP file seen: checkpoint written at step {state.step}, exiting",
+                        flush=True,
+                    )
                 break
             if last_step:
                 break
@@ -353,10 +427,23 @@ def main(argv: list[str] | None = None) -> dict:
             if last or (finished_epoch and state.epoch % run.eval_every == 0):
                 t_eval = time.time()
                 student.eval()
-                last_eval = evaluate(_logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last)
+                last_eval = evaluate(
+                    _logits_only(student),
+                    loaders.eval,
+                    accelerator,
+                    channels_last=run.channels_last,
+                )
                 state.best_top1 = max(state.best_top1, last_eval["top1"])
-                log.log({"step": state.step, "epoch": state.epoch, **last_eval, "best_top1": state.best_top1,
-                         "eval_s": time.time() - t_eval}, kind="eval")
+                log.log(
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        **last_eval,
+                        "best_top1": state.best_top1,
+                        "eval_s": time.time() - t_eval,
+                    },
+                    kind="eval",
+                )
                 t_log += time.time() - t_eval  # throughput excludes evaluation
             if not run.save_every or last:
                 save_checkpoint()
@@ -365,9 +452,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     if not stopped and not last_eval:  # resumed a run that had already finished
         student.eval()
-        last_eval = evaluate(_logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last)
+        last_eval = evaluate(
+            _logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last
+        )
     if not stopped:
-        summary = finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start)
+        if teacher is not None:  # the full-set teacher accuracy, for the summary table
+            teacher_top1 = evaluate(
+                teacher.model, loaders.eval, accelerator, channels_last=run.channels_last
+            )["top1"]
+        summary = finish(
+            recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start
+        )
     log.close()
     accelerator.wait_for_everyone()
     return summary
@@ -394,13 +489,17 @@ def poll(accelerator, stop_path: Path, t_save: float, save_minutes: float) -> tu
     """Rank 0 decides (STOP file present, wall-clock save due); every rank gets the same answer."""
     main = accelerator.is_main_process
     due = save_minutes > 0 and time.time() - t_save > 60 * save_minutes
-    flags = torch.tensor([float(main and stop_path.exists()), float(main and due)], device=accelerator.device)
+    flags = torch.tensor(
+        [float(main and stop_path.exists()), float(main and due)], device=accelerator.device
+    )
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, "max")
     return bool(flags[0]), bool(flags[1])
 
 
-def finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start) -> dict:
+def finish(
+    recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start
+) -> dict:
     run_dir = Path(recipe.run.dir)
     summary = {
         "name": recipe.name,
@@ -408,7 +507,7 @@ def finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, l
         "top1": last_eval.get("top1"),
         "top5": last_eval.get("top5"),
         "best_top1": state.best_top1,
-        "teacher_top1_sample": teacher_top1,
+        "teacher_top1": teacher_top1,
         "steps": state.step,
         "epochs": state.epoch,
         "world_size": accelerator.num_processes,
@@ -418,15 +517,58 @@ def finish(recipe, accelerator, student, state, last_eval, diag, teacher_top1, l
     }
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(student)
-        meta = {"arch": recipe.student.arch, "num_classes": loaders.num_classes,
-                "in_channels": loaders.in_channels, "recipe": recipes.to_dict(recipe), "summary": summary}
+        meta = {
+            "arch": recipe.student.arch,
+            "num_classes": loaders.num_classes,
+            "in_channels": loaders.in_channels,
+            "recipe": recipes.to_dict(recipe),
+            "summary": summary,
+        }
         checkpoint.export_student(run_dir / "student.pt", model.backbone, model.heads, meta)
         artifacts.save_json(summary, run_dir / "summary.json")
         plot_curves(run_dir)
-        print(f"done: top1 {summary['top1']:.2f} (best {state.best_top1:.2f}) in {summary['wall_s']} s "
-              f"-> {run_dir}", flush=True)
+        print(summary_table(summary, recipe), flush=True)
     return summary
 
 
+def summary_table(summary: dict, recipe: Recipe) -> str:
+    rows = []
+    if summary["teacher_top1"] == summary["teacher_top1"]:  # not NaN: a teacher was used
+        rows.append((f"teacher {recipe.teacher.arch}", f"{summary['teacher_top1']:.2f}"))
+    rows.append((f"student {recipe.student.arch} ({summary['method']})", f"{summary['top1']:.2f}"))
+    if "final_perplexity" in summary:
+        rows.append(
+            (
+                "codebook usage (target perplexity)",
+                f"{summary['final_perplexity']:.1f} of {recipe.codebook.size} words",
+            )
+        )
+        rows.append(("student-teacher word agreement", f"{100 * summary['final_agreement']:.1f} %"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  top-1 (%)"] + [f"{a:{width}}  {b}" for a, b in rows]
+    return (
+        "\n".join(lines) + f"\n{summary['steps']} steps, {summary['wall_s']} s -> {recipe.run.dir}"
+    )
+
+
+USER_ERRORS = (
+    recipes.RecipeError,
+    DataError,
+    ModelError,
+    CodebookError,
+    TrainingError,
+    ImportError,
+)
+
+
+def cli(entry) -> None:
+    """Run a stage's main; a user error prints one clear line (no traceback) and exits 2."""
+    try:
+        entry(sys.argv[1:])
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,0 +1,94 @@
+"""Shared test helpers: tiny recipes on synthetic data, and a clean Accelerate state per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_recipe(path: Path, sections: dict) -> Path:
+    """Write {"seed": 0, "data": {...}, ...} as TOML."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    for name, table in sections.items():
+        if isinstance(table, dict):
+            lines += [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny(
+    tmp_path: Path,
+    name: str,
+    method: str = "none",
+    arch: str = "resnet8",
+    teacher: Path | None = None,
+    **overrides,
+) -> Path:
+    """A recipe for a few-second run on the synthetic 4-class task at 16 px."""
+    sections = {
+        "name": name,
+        "seed": 0,
+        "run": {"dir": str(tmp_path / name), "log_every": 4, "channels_last": False},
+        "data": {
+            "dataset": "synthetic",
+            "batch_size": 32,
+            "num_workers": 0,
+            "image_size": 16,
+            "synthetic_size": 256,
+        },
+        "student": {"arch": arch},
+        "distill": {"method": method},
+        "optim": {"epochs": 3, "lr": 0.05},
+    }
+    if method != "none":
+        sections["teacher"] = {
+            "arch": "resnet8",
+            "checkpoint": str(teacher or tmp_path / "teacher" / "student.pt"),
+        }
+        sections["codebook"] = {"path": str(tmp_path / "codebook.pt"), "size": 16, "iterations": 5}
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        sections.setdefault(section, {})[field] = value
+    return write_recipe(tmp_path / f"{name}.toml", sections)
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory) -> Path:
+    """A resnet8 teacher trained once on the synthetic task; returns its student.pt."""
+    from quest import train
+
+    root = tmp_path_factory.mktemp("teacher")
+    recipe = tiny(root, "teacher", optim__epochs=4)
+    train.main([str(recipe)])
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return root / "teacher" / "student.pt"

@@ -1,0 +1,261 @@
+"""The trainer end to end on tiny synthetic data: artifacts, accuracy, resume, STOP, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny
+
+from quest import checkpoint, train
+from quest.codebook import CodebookError, load_codebook
+from quest.data import DataError
+from quest.student import ModelError, load_state
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "student.pt", weights_only=True)["model"]
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_teacher_codebook_student_evaluate(tmp_path, trained_teacher):
+    teacher_summary = json.loads((trained_teacher.parent / "summary.json").read_text())
+    assert teacher_summary["top1"] > 70  # 4 classes: chance is 25 %
+    recipe = tiny(tmp_path, "quest", method="quest", teacher=trained_teacher, codebook__size=24)
+    summary = train.main([str(recipe)])
+    run = tmp_path / "quest"
+    for name in (
+        "recipe.toml",
+        "env.json",
+        "metrics.jsonl",
+        "summary.json",
+        "student.pt",
+        "curves.png",
+    ):
+        assert (run / name).is_file(), name
+    assert summary["top1"] > 60 and summary["teacher_top1"] > 70
+    assert summary["steps"] == 3 * (256 // 32) and summary["epochs"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rec = [r for r in records if r["kind"] == "train"]
+    for key in (
+        "step",
+        "epoch",
+        "lr",
+        "loss",
+        "ce",
+        "quest",
+        "grad_norm",
+        "img_per_s",
+        "agreement",
+        "perplexity",
+        "max_prob",
+        "gamma",
+    ):
+        assert key in train_rec[-1], key
+    assert train_rec[-1]["loss"] == pytest.approx(
+        train_rec[-1]["ce"] + train_rec[-1]["quest"], rel=1e-4
+    )
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2, 3]
+    # The codebook artifact was built from the teacher's layer3 map (64 channels) with K = 24.
+    book = load_codebook(tmp_path / "codebook.pt")
+    assert book.centroids.shape == (24, 64) and book.meta["layer"] == "layer3"
+    assert book.meta["teacher_weights"].startswith("sha256:")
+    # Checkpoints are complete and verifiable; the exported student evaluates to the logged number.
+    assert [p.name for p in checkpoint.complete(run)] == ["step_00000016", "step_00000024"]
+    assert checkpoint.verify(checkpoint.complete(run)[-1]) is None
+    from quest import evaluate
+
+    result = evaluate.main([str(recipe)])
+    assert result["top1"] == pytest.approx(summary["top1"]) and result["count"] == 64
+    # The exported student loads strictly as a teacher of another run.
+    assert set(load_state(run / "student.pt")) == set(weights(run))
+
+
+def test_kd_and_quest_kd_log_their_parts(tmp_path, trained_teacher):
+    recipe = tiny(tmp_path, "qkd", method="quest+kd", teacher=trained_teacher, optim__epochs=1)
+    train.main([str(recipe)])
+    last = [json.loads(x) for x in (tmp_path / "qkd" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in last if r["kind"] == "train"][-1]
+    assert last["loss"] == pytest.approx(last["ce"] + last["quest"] + last["kd"], rel=1e-4)
+
+
+def test_codebook_is_reused_when_matching_and_refused_when_not(tmp_path, trained_teacher):
+    recipe = tiny(tmp_path, "a", method="quest", teacher=trained_teacher, optim__epochs=1)
+    train.main([str(recipe)])
+    stamp = (tmp_path / "codebook.pt").stat().st_mtime_ns
+    train.main([str(tiny(tmp_path, "b", method="quest", teacher=trained_teacher, optim__epochs=1))])
+    assert (tmp_path / "codebook.pt").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = tiny(
+        tmp_path, "c", method="quest", teacher=trained_teacher, optim__epochs=1, codebook__size=8
+    )
+    with pytest.raises(CodebookError, match="size"):
+        train.main([str(other)])
+
+
+def test_stop_file_saves_exits_and_resume_is_exact(tmp_path, trained_teacher):
+    common = {
+        "teacher": trained_teacher,
+        "method": "quest",
+        "optim__epochs": 3,
+        "run__save_every": 6,
+    }
+    full = tiny(tmp_path, "full", **common)
+    train.main([str(full)])
+    stopped = tiny(tmp_path, "stopped", **common)
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "STOP").touch()
+    assert train.main([str(stopped)]) == {}  # saved and returned without finishing
+    assert [p.name for p in checkpoint.complete(tmp_path / "stopped")][-1] == "step_00000010"
+    assert (
+        not (tmp_path / "stopped" / "STOP").exists()
+        and not (tmp_path / "stopped" / "student.pt").exists()
+    )
+    summary = train.main([str(stopped)])  # resumes mid-epoch at step 10
+    assert summary["steps"] == 24
+    assert_identical(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
+
+
+def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, trained_teacher):
+    common = {
+        "teacher": trained_teacher,
+        "method": "quest",
+        "optim__epochs": 12,
+        "run__save_every": 3,
+    }
+    train.main([str(tiny(tmp_path, "ref", **common))])
+    recipe = tiny(tmp_path, "killed", **common)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quest.train", str(recipe)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while (
+        not checkpoint.complete(tmp_path / "killed")
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "student.pt").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "quest.train", str(recipe)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    assert_identical(weights(tmp_path / "ref"), weights(tmp_path / "killed"))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    recipe = tiny(tmp_path, "run", optim__epochs=2)
+    train.main([str(recipe)])
+    newest = checkpoint.complete(tmp_path / "run")[-1]
+    model_file = newest / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    assert "model.safetensors" in checkpoint.verify(newest)
+    summary = train.main([str(recipe), "optim.epochs=3"])
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} refused" in out and "step_00000008" in out
+    assert summary["steps"] == 24
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    recipe = tiny(
+        tmp_path, "nan", optim__lr=1e30, run__save_every=1, run__log_every=1, optim__nesterov=False
+    )
+    with pytest.raises(train.TrainingError, match=r"NaN/inf at optimizer step \d+"):
+        train.main([str(recipe)])
+    good = checkpoint.complete(tmp_path / "nan")
+    assert not (tmp_path / "nan" / "student.pt").exists()
+    for path in good:  # no checkpoint holds non-finite weights
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "pattern"),
+    [
+        (
+            {"teacher__checkpoint": "/nonexistent/teacher.pt"},
+            ModelError,
+            "teacher checkpoint not found: /nonexistent",
+        ),
+        ({"teacher__arch": "resnet14"}, ModelError, "missing keys .*layer1.1"),
+        ({"arch": "vgg8"}, ModelError, r"\(512, 2, 2\).*\(64, 4, 4\).*teacher.pool"),
+        ({"codebook__size": 100000}, CodebookError, "K=100000 is larger than the"),
+        (
+            {"data__dataset": "cifar100", "data__root": "/nonexistent"},
+            DataError,
+            "not found: /nonexistent",
+        ),
+    ],
+)
+def test_bad_inputs_fail_early_and_clearly(tmp_path, trained_teacher, overrides, error, pattern):
+    arch = overrides.pop("arch", "resnet8")
+    recipe = tiny(tmp_path, "bad", method="quest", arch=arch, teacher=trained_teacher, **overrides)
+    with pytest.raises(error, match=pattern):
+        train.main([str(recipe)])
+    assert not (tmp_path / "codebook.pt").exists() or overrides.get("codebook__size") is None
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_random_teacher_is_refused(tmp_path):
+    random_teacher = tmp_path / "random.pt"
+    from quest.models import build_model
+
+    torch.manual_seed(3)
+    torch.save({"model": build_model("resnet8", 4).state_dict()}, random_teacher)
+    recipe = tiny(tmp_path, "r", method="kd", teacher=random_teacher)
+    with pytest.raises(train.TrainingError, match="reaches only"):
+        train.main([str(recipe)])
+
+
+def test_cli_prints_one_clear_line_for_user_errors(tmp_path):
+    recipe = tiny(tmp_path, "x")
+    out = subprocess.run(
+        [sys.executable, "-m", "quest.train", str(recipe), "optim.lrr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "did you mean 'optim.lr'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recipe = tiny(tmp_path, "wb", optim__epochs=1, run__wandb=True)
+    train.main([str(recipe)])
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    # The offline run's records (protobuf) carry every logged key: 2 train log steps, 1 evaluation.
+    data = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert data.count(b"train/loss") >= 2 and b"eval/top1" in data
