@@ -259,3 +259,25 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     # The offline run's records (protobuf) carry every logged key: 2 train log steps, 1 evaluation.
     data = (runs[0] / f"run-{run_id}.wandb").read_bytes()
     assert data.count(b"train/loss") >= 2 and b"eval/top1" in data
+
+
+def test_two_level_quest_trains_with_two_codebooks_and_sums_level_losses(tmp_path, trained_teacher):
+    recipe = tiny(tmp_path, "ml", method="quest", teacher=trained_teacher, optim__epochs=2)
+    text = recipe.read_text()
+    text += (
+        '[[levels]]\nteacher_layer = "layer2"\nstudent_layer = "layer2"\n'
+        f'codebook = "{tmp_path / "cb_layer2.pt"}"\nbeta = 50.0\n'
+        '[[levels]]\nteacher_layer = "layer3"\nstudent_layer = "layer3"\n'
+        f'codebook = "{tmp_path / "cb_layer3.pt"}"\nbeta = 5.0\n'
+    )
+    recipe.write_text(text)
+    summary = train.main([str(recipe)])
+    assert summary["top1"] > 50
+    assert load_codebook(tmp_path / "cb_layer2.pt").centroids.shape == (16, 32)  # layer2: 32 channels
+    assert load_codebook(tmp_path / "cb_layer3.pt").centroids.shape == (16, 64)
+    records = [json.loads(x) for x in (tmp_path / "ml" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["quest"] == pytest.approx(last["quest_0"] + last["quest_1"], rel=1e-4)
+    assert last["loss"] == pytest.approx(last["ce"] + last["quest"], rel=1e-4)
+    heads = torch.load(tmp_path / "ml" / "student.pt", weights_only=True)["heads"]
+    assert heads["0.weight"].shape == (16, 32) and heads["1.weight"].shape == (16, 64)
