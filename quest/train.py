@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -62,6 +63,12 @@ def make_accelerator(run: recipes.Run) -> Accelerator:
         # k-means runs on rank 0 alone: the other ranks must wait for it without timing out.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
     )
+    if run.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(
+            "run.precision = 'bf16' on a CPU without native bf16 (AVX512-BF16/AMX): autocast is emulated "
+            "and was ~10x slower than fp32 on such a CPU; set run.precision = 'no'",
+            stacklevel=2,
+        )
     expected = int(os.environ.get("WORLD_SIZE", 1))
     if accelerator.num_processes != expected:
         raise TrainingError(
@@ -69,6 +76,13 @@ def make_accelerator(run: recipes.Run) -> Accelerator:
             "CPU-only machine use `accelerate launch --multi_gpu --num_processes N` with run.cpu = true"
         )
     return accelerator
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def setup(path: str, overrides: list[str]) -> tuple[Recipe, Accelerator, Loaders]:
@@ -239,6 +253,34 @@ def distill_loss(
     return loss, parts, scores, targets
 
 
+def train_step(
+    student,
+    teacher,
+    codebooks,
+    levels,
+    distill,
+    optimizer,
+    accelerator,
+    images,
+    labels,
+    accum,
+    clip,
+):
+    """One optimizer step over `accum` micro-batches (gradient sync on the last one only).
+    Returns the last micro-batch's (loss, parts, scores, targets) and the gradient norm, all on device:
+    no host sync here. tools/bench_step.py times exactly this function."""
+    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+        with nullcontext() if i == accum - 1 else accelerator.no_sync(student):
+            loss, parts, scores, targets = distill_loss(
+                student, teacher, codebooks, levels, distill, x, y, accelerator.autocast
+            )
+            accelerator.backward(loss / accum)
+    grad_norm = accelerator.clip_grad_norm_(student.parameters(), clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, parts, scores, targets, grad_norm
+
+
 # --------------------------------------------------------------------------------------- the loop
 
 
@@ -348,18 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
             lr = lr_at(state.step, o, spe, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
-                sync = i == accum - 1
-                with nullcontext() if sync else accelerator.no_sync(student):
-                    loss, parts, scores, targets = distill_loss(
-                        student, teacher, codebooks, levels, dcfg, x, y, accelerator.autocast
-                    )
-                    accelerator.backward(loss / accum)
-            grad_norm = accelerator.clip_grad_norm_(
-                student.parameters(), o.clip_grad or float("inf")
+            loss, parts, scores, targets, grad_norm = train_step(
+                student,
+                teacher,
+                codebooks,
+                levels,
+                dcfg,
+                optimizer,
+                accelerator,
+                images,
+                labels,
+                accum,
+                o.clip_grad,
             )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             bad_step = torch.where(
                 (bad_step < 0) & ~torch.isfinite(loss.detach()), state.step, bad_step
             )
