@@ -78,6 +78,8 @@ def load_codebook(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         centroids, meta = obj["centroids"], obj["meta"]
+        if not torch.is_tensor(centroids) or not isinstance(meta, dict):
+            raise TypeError("expected a tensor 'centroids' and a dict 'meta'")
     except Exception as err:
         raise CodebookError(f"{path} is not a readable quest codebook: {err}") from None
     if meta.get("format") != FORMAT:

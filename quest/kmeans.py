@@ -19,7 +19,7 @@ from .losses import squared_distances
 class KMeansResult:
     centroids: torch.Tensor  # K×D float32
     objective: list[float]  # sum of squared distances after each iteration
-    cluster_sizes: torch.Tensor  # K int64, over the vectors that were clustered
+    cluster_sizes: torch.Tensor  # K int64: vectors of x nearest to each centroid (all of x)
     vectors_used: int
     backend: str  # "faiss-cpu", "faiss-gpu" or "torch"
 
@@ -58,7 +58,8 @@ def fit_kmeans(
 ) -> KMeansResult:
     """faiss k-means of the N×D rows of x into k centroids.
 
-    max_points: cluster at most this many vectors (faiss subsamples with `seed`); 0 = use every vector.
+    max_points: cluster about this many vectors (ceil(max_points / k) per centroid; faiss subsamples
+    with `seed`); 0 = use every vector.
     faiss's own default (256 per centroid) would silently subsample, so it is always set explicitly.
     """
     faiss = import_faiss()

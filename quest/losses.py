@@ -120,6 +120,8 @@ def total_loss(
     parts = {"ce": ce.detach()}
     if quest_parts:
         weights = level_weights or [1.0] * len(quest_parts)
+        if len(weights) != len(quest_parts):
+            raise ValueError(f"{len(weights)} level weights for {len(quest_parts)} QuEST levels")
         quest = sum(w * q for w, q in zip(weights, quest_parts))
         loss = loss + quest_weight * quest
         parts["quest"] = quest.detach()
