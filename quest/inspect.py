@@ -34,7 +34,9 @@ def collect(teacher, loader, centroids, max_images: int, device):
         b, _, h, w = fmap.shape
         idx = torch.arange(b * h * w)
         records.append(
-            torch.stack([idx // (h * w) + seen, (idx // w) % h, idx % w, words.cpu(), dist.cpu()], dim=1)
+            torch.stack(
+                [idx // (h * w) + seen, (idx // w) % h, idx % w, words.cpu(), dist.cpu()], dim=1
+            )
         )
         images.append(x.cpu())
         seen += b
@@ -43,7 +45,9 @@ def collect(teacher, loader, centroids, max_images: int, device):
     return torch.cat(images), torch.cat(records), (h, w)
 
 
-def patch(image: torch.Tensor, row: int, col: int, grid: tuple[int, int], context: float = 2.0) -> torch.Tensor:
+def patch(
+    image: torch.Tensor, row: int, col: int, grid: tuple[int, int], context: float = 2.0
+) -> torch.Tensor:
     """The image region under feature location (row, col) of an h×w map, enlarged `context` times."""
     _, H, W = image.shape
     h, w = grid
@@ -55,12 +59,14 @@ def patch(image: torch.Tensor, row: int, col: int, grid: tuple[int, int], contex
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .train import build_teacher, setup
+    from .train import build_teacher, setup, teacher_layers
 
     parser = argparse.ArgumentParser(prog="python -m quest.inspect", description=__doc__)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--images", type=int, default=2000, help="training images passed through the teacher")
+    parser.add_argument(
+        "--images", type=int, default=2000, help="training images passed through the teacher"
+    )
     parser.add_argument("--words", type=int, default=8, help="most used words to draw")
     parser.add_argument("--patches", type=int, default=8, help="patches per word")
     parser.add_argument("--out", help="output folder (default run.dir/inspect)")
@@ -70,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     level = recipe.quest_levels()[0]
     book = load_codebook(level.codebook)
     loader = feature_loader(recipe.data, seed=recipe.seed, rank=0, world=1, max_images=args.images)
-    images, rec, grid = collect(teacher, loader, book.centroids.to(accelerator.device), args.images, accelerator.device)
+    images, rec, grid = collect(
+        teacher, loader, book.centroids.to(accelerator.device), args.images, accelerator.device
+    )
     mean, std = (torch.tensor(v).view(-1, 1, 1) for v in STATS[family(recipe.data)])
     images = (images * std + mean).clamp(0, 1)
     k = book.centroids.shape[0]
@@ -83,11 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     import matplotlib.pyplot as plt
 
     out = Path(args.out or Path(recipe.run.dir) / "inspect")
-    fig, axes = plt.subplots(len(top), args.patches, figsize=(1.3 * args.patches, 1.4 * len(top)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(top), args.patches, figsize=(1.3 * args.patches, 1.4 * len(top)), squeeze=False
+    )
     for r, word in enumerate(top):
         mine = rec[rec[:, 3] == word]
         mine = mine[mine[:, 4].argsort()]  # nearest to the word first
-        _, first = torch.unique_consecutive(mine[:, 0].sort(stable=True).values, return_counts=False), None
         chosen, used = [], set()
         for row in mine.tolist():  # one patch per image, nearest first
             if int(row[0]) not in used:
@@ -101,9 +110,19 @@ def main(argv: list[str] | None = None) -> dict:
             if c < len(chosen):
                 img_i, row_i, col_i = (int(v) for v in chosen[c][:3])
                 p = patch(images[img_i], row_i, col_i, grid)
-                ax.imshow(p.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if p.shape[0] == 1 else None, vmin=0, vmax=1)
-        axes[r][0].set_title(f"word {word} ({100 * usage[word] / usage.sum():.1f} %)", fontsize=7, loc="left")
-    fig.suptitle(f"{recipe.teacher.arch} {level.teacher_layer or 'default layer'}: most used of {k} words", fontsize=9)
+                ax.imshow(
+                    p.permute(1, 2, 0).squeeze(-1).numpy(),
+                    cmap="gray" if p.shape[0] == 1 else None,
+                    vmin=0,
+                    vmax=1,
+                )
+        axes[r][0].set_title(
+            f"word {word} ({100 * usage[word] / usage.sum():.1f} %)", fontsize=7, loc="left"
+        )
+    layer = teacher_layers(recipe)[0][0]
+    fig.suptitle(
+        f"{recipe.teacher.arch} {layer}: the most used of {k} words, nearest patches", fontsize=9
+    )
     fig.tight_layout()
     artifacts.atomic_write(out / "words.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -113,12 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
     ax.set_xlabel("visual word (sorted by usage)")
     ax.set_ylabel("fraction of locations")
     entropy = -(usage / usage.sum()).clamp_min(1e-12).log().mul(usage / usage.sum()).sum()
-    ax.set_title(f"codeword usage: {int((usage > 0).sum())} of {k} words used, perplexity {entropy.exp():.0f}")
+    ax.set_title(
+        f"codeword usage: {int((usage > 0).sum())} of {k} words used, perplexity {entropy.exp():.0f}"
+    )
     fig.tight_layout()
     artifacts.atomic_write(out / "usage.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     print(f"wrote {out / 'words.png'} and {out / 'usage.png'}")
-    return {"usage": usage, "top": top, "out": out}
+    return {"usage": usage, "top": top, "out": out, "grid": grid, "images": images.shape[0]}
 
 
 if __name__ == "__main__":
