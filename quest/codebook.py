@@ -149,7 +149,9 @@ def extract_samples(
     samples = [
         VectorSample(c, torch.Generator().manual_seed(seed * 1000 + rank)) for c in capacities
     ]
-    for images, _ in tqdm(loader, desc="teacher features", disable=rank != 0, leave=False):
+    for images, _ in tqdm(
+        loader, desc="teacher features", disable=rank != 0 or not sys.stderr.isatty(), leave=False
+    ):
         with autocast():
             _, maps = teacher(images.to(device, non_blocking=True))
         for sample, fmap in zip(samples, maps):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,12 @@ def evaluate(
     device = accelerator.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
     for i, (images, labels) in enumerate(
-        tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False)
+        tqdm(
+            loader,
+            desc=desc,
+            disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+            leave=False,
+        )
     ):
         if max_batches and i >= max_batches:
             break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import json
 import tomllib
 import types
@@ -347,7 +348,7 @@ def _validate(recipe: Recipe) -> None:
             f"'data.keep_fraction' must be in (0, 1], got {recipe.data.keep_fraction}"
         )
     milestones = recipe.optim.milestones
-    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+    if any(b <= a for a, b in itertools.pairwise(milestones)):
         raise RecipeError(f"'optim.milestones' must increase, got {recipe.optim.milestones}")
     if recipe.uses_teacher and not recipe.teacher.arch:
         raise RecipeError(

@@ -48,6 +48,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, encode_png
+from torchvision.transforms import v2
 
 from .data import (
     DataError,
@@ -231,25 +232,22 @@ def encode_record(record: Record, channels: int) -> tuple[str, bytes, bool]:
     except OSError as err:
         raise ValueError(f"cannot read: {err.strerror or err}") from None
     ext = _sniff(data)
-    try:
-        if ext is None:
-            raise RuntimeError("not a JPEG, PNG, WebP or GIF file")
-        decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_mode(channels))
+    if ext is not None:  # a format the reader decodes: keep the bytes if they decode
+        try:
+            decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_mode(channels))
+        except RuntimeError as err:
+            raise ValueError(_short(err)) from None
         return ext, data, False
-    except RuntimeError as err:
-        reason = _short(err)
-    try:  # BMP, TIFF, ...: PIL reads them; store a lossless PNG
-        from PIL import Image
+    from PIL import Image
 
+    try:  # BMP, TIFF, ...: readable by PIL only, stored as a lossless PNG
         with Image.open(io.BytesIO(data)) as im:
             array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except Exception:
-        raise ValueError(reason) from None
-    image = (
-        torch.from_numpy(array.copy()).permute(2, 0, 1)
-        if array.ndim == 3
-        else torch.from_numpy(array)[None]
-    )
+    except Exception as err:
+        reason = "unknown format" if isinstance(err, Image.UnidentifiedImageError) else _short(err)
+        raise ValueError(f"not an image decode_image or PIL can read: {reason}") from None
+    image = torch.from_numpy(array.copy())
+    image = image.permute(2, 0, 1) if image.ndim == 3 else image[None]
     return "png", _png(image), True
 
 
@@ -283,6 +281,8 @@ def write_shard(path: Path, records: list[Record], channels: int) -> dict:
         if skipped or reencoded:  # survives a resume; written before the shard becomes final
             notes = {"skipped": skipped, "reencoded": reencoded}
             _notes(path).write_text(json.dumps(notes, indent=1) + "\n")
+        else:
+            _notes(path).unlink(missing_ok=True)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -370,6 +370,8 @@ def convert(
     root, out = Path(source), Path(out)
     if shard_size < 1 or val_shard_size < 1:
         raise DataError("shard sizes must be positive")
+    if not splits or set(splits) - {"train", "val"}:
+        raise DataError(f"splits must be train and/or val, got {splits}")
     kind = detect_kind(root) if kind == "auto" else kind
     found = collect(root, kind, tuple(splits), val_labels)
     for recs in found["splits"].values():
@@ -474,15 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         "--val-labels", default="", help="for a flat val/ folder: 'filename label' lines"
     )
     args = p.parse_args(argv)
-    splits = tuple(s for s in args.splits.split(",") if s)
-    if not splits or set(splits) - {"train", "val"}:
-        p.error("--splits takes train and/or val")
     try:
         convert(
             args.source,
             args.out,
             kind=args.kind,
-            splits=splits,
+            splits=tuple(s for s in args.splits.split(",") if s),
             shard_size=args.shard_size,
             val_shard_size=args.val_shard_size,
             seed=args.seed,
@@ -577,17 +576,75 @@ def decode_sample(sample: dict, mode: ImageReadMode) -> tuple[torch.Tensor, int]
     return (image[0] if image.ndim == 4 else image), int(sample["cls"])
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked images (allocated in shared memory inside a worker, as the DataLoader's own collate
-    does, which saves a copy per batch) and int64 labels."""
-    x, y = default_collate(items)
-    return x, y
+class Batcher:
+    """Applies a v2 pipeline to single images and stacks them into a batch.
+
+    When the pipeline ends with ToDtype(float32, scale=True) + Normalize (every family in
+    `quest.data.transforms`), that tail runs in place inside the batch tensor instead: the uint8 image
+    is copied into its slot, scaled and normalised there, with the same operations as the v2 kernels
+    (tests check bit equality). This saves two float temporaries and a stacking copy per image, which
+    cost as much as the JPEG decode where memory allocation is slow. Inside a loader worker the batch
+    is allocated in shared memory, as `default_collate` does, so it is not copied again on its way to
+    the main process."""
+
+    def __init__(self, transform: Callable):
+        steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+        self.norm = None
+        if (
+            len(steps) >= 2
+            and isinstance(steps[-2], v2.ToDtype)
+            and steps[-2].dtype == torch.float32
+            and steps[-2].scale
+            and isinstance(steps[-1], v2.Normalize)
+        ):
+            self.norm = (list(steps[-1].mean), list(steps[-1].std))
+            self.tail = v2.Compose(steps[-2:])
+            steps = steps[:-2]
+        self.head = v2.Compose(steps) if steps else _identity
+        self.transform = transform
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """The per-image part (uint8 out when the tail is deferred to `batch`)."""
+        return self.head(image) if self.norm else self.transform(image)
+
+    def batch(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+        images = [x for x, _ in items]
+        if self.norm is None or any(x.dtype != torch.uint8 for x in images):
+            if self.norm:
+                images = [
+                    self.transform.transforms[-1](self.transform.transforms[-2](x)) for x in images
+                ]
+            return default_collate(images), labels
+        shape = images[0].shape
+        if any(x.shape != shape for x in images):
+            raise ValueError(f"images of different sizes in one batch: {shape} and others")
+        out = _empty((len(images), *shape))
+        mean, std = self.norm
+        for slot, x in zip(out, images):
+            slot.copy_(x)  # = x.to(float32)
+            slot.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True) on uint8
+            v2.functional.normalize(slot, mean, std, inplace=True)
+        return out, labels
+
+
+def _identity(x):
+    return x
+
+
+def _empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor, in shared memory inside a loader worker (as torch's default_collate)."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    elem = torch.empty(0)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).view(shape)
 
 
 def _seed(*parts) -> int:
-    return (
-        int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-    )
+    """A 63-bit seed from a tuple, the same in every process (unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _worker() -> tuple[int, int]:
@@ -603,11 +660,9 @@ class StreamBatches:
     def __init__(self, n: int, batch: int, world: int, epoch_size: int = 0):
         self.samples = max(epoch_size, n) if epoch_size else n
         self.batches_per_epoch = max(1, math.ceil(self.samples / (batch * world)))
-        self._epoch, self._start, self._corrupt = (
-            mp.Value("q", 0),
-            mp.Value("q", 0),
-            mp.Value("q", 0),
-        )
+        self._epoch = mp.Value("q", 0)
+        self._start = mp.Value("q", 0)
+        self._corrupt = mp.Value("q", 0)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if not 0 <= start_batch <= self.batches_per_epoch:
@@ -669,14 +724,15 @@ class TrainStream(IterableDataset):
         initial: int = SHUFFLE_INITIAL,
     ):
         self.urls, self.batches, self.batch = list(urls), batches, batch
-        self.rank, self.seed, self.transform, self.mode = rank, seed, transform, mode
+        self.rank, self.seed, self.mode = rank, seed, mode
+        self.batcher = Batcher(transform)
         self.buffer, self.initial = buffer, initial
         self.handler = _Skip(batches.count_corrupt, "training shard")
 
     def load(self, sample: dict) -> tuple[torch.Tensor, int]:
         """Decode and augment one raw sample (ValueError when it cannot be decoded)."""
         image, label = decode_sample(sample, self.mode)
-        return self.transform(image), label
+        return self.batcher.image(image), label
 
     def _samples(self, rng: random.Random) -> Iterator[dict]:
         empty = 0
@@ -713,7 +769,7 @@ class TrainStream(IterableDataset):
                         where = f"{sample['__url__']} key {sample['__key__']}"
                         warnings.warn(f"skipping training sample {where}: {err}", stacklevel=1)
                         self.batches.count_corrupt()
-            yield _collate(items)
+            yield self.batcher.batch(items)
 
 
 def reader_plan(counts: list[int], reader: int, readers: int, keep: np.ndarray | None = None):
@@ -759,7 +815,7 @@ class ExactStream(IterableDataset):
         counter=None,
     ):
         self.urls, self.counts, self.rank, self.world = list(urls), list(counts), rank, world
-        self.batch, self.transform, self.mode = batch, transform, mode
+        self.batch, self.batcher, self.mode = batch, Batcher(transform), mode
         self.keep, self.strict, self.counter = keep, strict, counter
 
     def _fail(self, message: str) -> None:
@@ -790,7 +846,7 @@ class ExactStream(IterableDataset):
             except ValueError as err:
                 self._fail(f"{what} {url}, key {key}: {err}")
                 continue
-            yield self.transform(image), label
+            yield self.batcher.image(image), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, workers = _worker()
@@ -802,10 +858,10 @@ class ExactStream(IterableDataset):
             for item in self._read(self.urls[shard], first, stop, picks):
                 items.append(item)
                 if len(items) == self.batch:
-                    yield _collate(items)
+                    yield self.batcher.batch(items)
                     items = []
         if items:
-            yield _collate(items)
+            yield self.batcher.batch(items)
 
 
 def _family_cfg(cfg: Data, index: dict) -> Data:
@@ -827,7 +883,11 @@ def build_wds_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool)
     train_urls = expand_shards(cfg.train_shards, "data.train_shards")
     val_urls = expand_shards(cfg.val_shards, "data.val_shards")
     index, train_counts = load_index(train_urls)
-    _, val_counts = load_index(val_urls)
+    val_index, val_counts = load_index(val_urls)
+    if val_index["classes"] != index["classes"]:
+        raise DataError(
+            "data.train_shards and data.val_shards come from conversions with other classes"
+        )
     cfg = _family_cfg(cfg, index)
     batch = per_rank(cfg.batch_size, world, "data.batch_size")
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")

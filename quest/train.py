@@ -292,9 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     pre = recipes.load(argv[0], argv[1:])
     if pre.uses_teacher and pre.teacher.recipe and not Path(pre.teacher.checkpoint).exists():
-        main(
-            [pre.teacher.recipe]
-        )  # train the teacher first (quickstart); its student.pt is the checkpoint
+        # Train the teacher first (the quickstart does): its student.pt is teacher.checkpoint.
+        main([pre.teacher.recipe])
         if not Path(pre.teacher.checkpoint).exists():
             raise TrainingError(
                 f"teacher.recipe {pre.teacher.recipe} ran but did not write teacher.checkpoint "
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
     stop_path = run_dir / STOP_FILE
 
     def save_checkpoint():
-        check_finite(bad_step, resume)
+        check_finite(bad_step)
         checkpoint.save(accelerator, run_dir, state, run.keep_checkpoints)
 
     stopped = False
@@ -381,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
             total=spe,
             initial=state.batch_in_epoch,
             desc=f"epoch {epoch}",
-            disable=not main_proc,
+            disable=not (main_proc and sys.stderr.isatty()),
             leave=False,
         )
         for images, labels in loaders.train:
@@ -415,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update(1)
             last_step = state.step == total_steps
             if state.step % run.log_every == 0 or last_step:
-                check_finite(bad_step, resume)
+                check_finite(bad_step)
                 values = {
                     k: float(accelerator.reduce(v.detach().float(), "mean")) / n_log
                     for k, v in sums.items()
@@ -518,7 +517,7 @@ def _logits_only(student):
     return forward
 
 
-def check_finite(bad_step: torch.Tensor, resume: str | None) -> None:
+def check_finite(bad_step: torch.Tensor) -> None:
     step = int(bad_step)
     if step >= 0:
         raise TrainingError(
