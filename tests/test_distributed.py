@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import tiny
+
 from quest import evaluate
 from quest.codebook import load_codebook
 from quest.kmeans import lloyd_refine
