@@ -139,6 +139,9 @@ class Codebook:
     )
     seed: int = _f(-1, "k-means seed; -1 = the recipe seed")
     gpu: bool = _f(True, "use faiss on GPU when faiss-gpu and CUDA are both present")
+    build: bool = _f(
+        True, "build missing codebooks; false = they must exist (MIT-67 reuses the ImageNet ones)"
+    )
 
 
 @dataclass

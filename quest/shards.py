@@ -611,14 +611,15 @@ class Batcher:
         labels = torch.tensor([y for _, y in items], dtype=torch.int64)
         images = [x for x, _ in items]
         if self.norm is None or any(x.dtype != torch.uint8 for x in images):
-            if self.norm:
-                images = [
-                    self.transform.transforms[-1](self.transform.transforms[-2](x)) for x in images
-                ]
+            if self.norm:  # not uint8 after all: the deferred tail as plain v2
+                images = [self.tail(x) for x in images]
             return default_collate(images), labels
         shape = images[0].shape
         if any(x.shape != shape for x in images):
-            raise ValueError(f"images of different sizes in one batch: {shape} and others")
+            raise DataError(
+                f"images of different sizes in one batch ({shape} and others): these transforms "
+                "do not give a fixed size; set data.transforms and data.image_size"
+            )
         out = _empty((len(images), *shape))
         mean, std = self.norm
         for slot, x in zip(out, images):

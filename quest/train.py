@@ -11,6 +11,7 @@ in the run directory makes every rank save a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -169,6 +170,12 @@ def ensure_codebooks(
     recipe = recipes.Recipe(**{**vars(recipe), "levels": resolved})
     if not rebuild and all(Path(lv.codebook).is_file() for lv in resolved):
         return [load_codebook(lv.codebook, expected_meta(recipe, lv)) for lv in resolved]
+    if not rebuild and not recipe.codebook.build:
+        missing = [lv.codebook for lv in resolved if not Path(lv.codebook).is_file()]
+        raise CodebookError(
+            f"codebook.build = false and {missing} do not exist: build them first with "
+            "`python -m quest.codebook` on the recipe that defines them (the recipe header says which)"
+        )
     loader = feature_loader(
         recipe.data,
         seed=recipe.seed,
@@ -292,13 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     pre = recipes.load(argv[0], argv[1:])
     if pre.uses_teacher and pre.teacher.recipe and not Path(pre.teacher.checkpoint).exists():
-        # Train the teacher first (the quickstart does): its student.pt is teacher.checkpoint.
-        main([pre.teacher.recipe])
-        if not Path(pre.teacher.checkpoint).exists():
-            raise TrainingError(
-                f"teacher.recipe {pre.teacher.recipe} ran but did not write teacher.checkpoint "
-                f"{pre.teacher.checkpoint}: its run.dir must be {Path(pre.teacher.checkpoint).parent}"
-            )
+        # No teacher file yet: train it with teacher.recipe (unless done) and use its student.pt.
+        trained = Path(recipes.load(pre.teacher.recipe).run.dir) / "student.pt"
+        if not trained.exists():
+            main([pre.teacher.recipe])
+        argv = [*argv, f"teacher.checkpoint={json.dumps(str(trained))}"]
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
     run, dcfg = recipe.run, recipe.distill
     run_dir, device = Path(run.dir), accelerator.device
@@ -498,7 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
             _logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last
         )
     if not stopped:
-        if teacher is not None:  # the full-set teacher accuracy, for the summary table
+        if (
+            teacher is not None and recipe.teacher.min_top1 != 0
+        ):  # full-set accuracy for the summary
             teacher_top1 = evaluate(
                 teacher.model, loaders.eval, accelerator, channels_last=run.channels_last
             )["top1"]

@@ -273,7 +273,10 @@ def test_two_level_quest_trains_with_two_codebooks_and_sums_level_losses(tmp_pat
     recipe.write_text(text)
     summary = train.main([str(recipe)])
     assert summary["top1"] > 50
-    assert load_codebook(tmp_path / "cb_layer2.pt").centroids.shape == (16, 32)  # layer2: 32 channels
+    assert load_codebook(tmp_path / "cb_layer2.pt").centroids.shape == (
+        16,
+        32,
+    )  # layer2: 32 channels
     assert load_codebook(tmp_path / "cb_layer3.pt").centroids.shape == (16, 64)
     records = [json.loads(x) for x in (tmp_path / "ml" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]
@@ -281,3 +284,27 @@ def test_two_level_quest_trains_with_two_codebooks_and_sums_level_losses(tmp_pat
     assert last["loss"] == pytest.approx(last["ce"] + last["quest"], rel=1e-4)
     heads = torch.load(tmp_path / "ml" / "student.pt", weights_only=True)["heads"]
     assert heads["0.weight"].shape == (16, 32) and heads["1.weight"].shape == (16, 64)
+
+
+def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
+    teacher_recipe = tiny(tmp_path, "t", optim__epochs=3)
+    recipe = tiny(
+        tmp_path,
+        "s",
+        method="kd",
+        teacher=tmp_path / "crd" / "ckpt_epoch_240.pth",
+        optim__epochs=1,
+        teacher__recipe=str(teacher_recipe),
+    )
+    summary = train.main([str(recipe)])
+    assert (tmp_path / "t" / "student.pt").is_file()  # the teacher run happened first
+    used = (tmp_path / "s" / "recipe.toml").read_text()
+    assert f'checkpoint = "{tmp_path / "t" / "student.pt"}"' in used
+    assert summary["teacher_top1"] > 50
+
+
+def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_teacher):
+    recipe = tiny(tmp_path, "nb", method="quest", teacher=trained_teacher, codebook__build=False)
+    with pytest.raises(CodebookError, match="codebook.build = false"):
+        train.main([str(recipe)])
+    assert not (tmp_path / "codebook.pt").exists()
