@@ -24,16 +24,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(module: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "0", "-m", module, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        module,
+        *args,
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return out
 
 
 def test_two_processes_train_quest_and_evaluate_every_sample_once(tmp_path, trained_teacher):
-    recipe = tiny(tmp_path, "ddp", method="quest", teacher=trained_teacher, optim__epochs=2, run__cpu=True)
+    recipe = tiny(
+        tmp_path, "ddp", method="quest", teacher=trained_teacher, optim__epochs=2, run__cpu=True
+    )
     out = launch("quest.train", str(recipe))
     # Two-process gloo runs can abort at interpreter exit after finishing: judge by the artifacts.
     summary_file = tmp_path / "ddp" / "summary.json"
@@ -57,7 +75,9 @@ def test_two_processes_train_quest_and_evaluate_every_sample_once(tmp_path, trai
     assert result_two["loss"] == pytest.approx(result_one["loss"], rel=1e-5)
 
 
-def _lloyd_rank(rank: int, world: int, port: int, x: torch.Tensor, seed: torch.Tensor, iters: int, out):
+def _lloyd_rank(
+    rank: int, world: int, port: int, x: torch.Tensor, seed: torch.Tensor, iters: int, out
+):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     local = x[rank::world]  # each rank holds a different part of the vectors
@@ -80,7 +100,9 @@ def test_distributed_lloyd_equals_pooled_lloyd(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_lloyd_rank, args=(r, 2, port, x, seed, 4, queue)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_lloyd_rank, args=(r, 2, port, x, seed, 4, queue)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     centroids, history = queue.get(timeout=120)

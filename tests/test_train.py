@@ -305,6 +305,6 @@ def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
 
 def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_teacher):
     recipe = tiny(tmp_path, "nb", method="quest", teacher=trained_teacher, codebook__build=False)
-    with pytest.raises(CodebookError, match="codebook.build = false"):
+    with pytest.raises(CodebookError, match=r"codebook\.build = false"):
         train.main([str(recipe)])
     assert not (tmp_path / "codebook.pt").exists()

@@ -53,6 +53,7 @@ def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bo
     """Teacher, random codebooks and student exactly as quest.train builds them."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
+    layers, pools = train.teacher_layers(r)
     teacher = FrozenTeacher(
         build_model(r.teacher.arch, info.num_classes, info.in_channels), layers, pools
     )
@@ -117,6 +118,7 @@ def reference_step(
 def build_reference(r, info, device, channels_last: bool):
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
+    layers, pools = train.teacher_layers(r)
     t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels).to(
         device, memory_format=memory
     )
