@@ -74,12 +74,15 @@ class CosineHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(words)) if bias else None
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(fmap, dim=1, eps=1e-12)
-        w = F.normalize(self.weight, dim=1, eps=1e-12).to(f.dtype)
-        scores = torch.einsum("bchw,kc->bkhw", f, w) * self.gamma.to(f.dtype)
+        # One N×C @ C×K matmul on the flattened locations (a free view for channels_last maps); the
+        # B×K×H×W result is a permuted view of the N×K scores, so flattening it again costs nothing.
+        b, _, h, w = fmap.shape
+        f = F.normalize(flatten_locations(fmap), dim=1, eps=1e-12)
+        wk = F.normalize(self.weight, dim=1, eps=1e-12).to(f.dtype)
+        scores = (f @ wk.T) * self.gamma.to(f.dtype)
         if self.bias is not None:
-            scores = scores + self.bias.to(f.dtype).view(1, -1, 1, 1)
-        return scores
+            scores = scores + self.bias.to(f.dtype)
+        return scores.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 def quest_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -89,8 +92,12 @@ def quest_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     probabilities in the flatten_locations order. Equals F.kl_div(log_softmax(s), p_T, "batchmean")
     on the N×K view: invariant to H·W (a mean, not a sum). No temperature, no T² factor.
     """
-    log_q = flatten_locations(scores).float().log_softmax(dim=1)
-    return F.kl_div(log_q, targets, reduction="batchmean")
+    # KL(p||q) = CE(p, q) - H(p): soft-target cross-entropy (fused log-softmax, backward q - p) plus
+    # the targets' negative entropy, a constant without gradient; cheaper than kl_div's per-element log.
+    ce = F.cross_entropy(flatten_locations(scores).float(), targets)
+    with torch.no_grad():
+        neg_entropy = torch.special.xlogy(targets, targets).sum(1).mean()
+    return ce + neg_entropy
 
 
 def kd_loss(
