@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .losses import squared_distances
-
 
 @dataclass
 class KMeansResult:
@@ -108,11 +106,14 @@ def assign_chunked(
     """Nearest centroid of every row of x (N×D) and its squared distance, in chunks of rows."""
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dmin = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    c = centroids.float()
+    c_sq = c.square().sum(1)
     for s in range(0, x.shape[0], chunk):
-        dmin[s : s + chunk], idx[s : s + chunk] = squared_distances(
-            x[s : s + chunk], centroids
-        ).min(1)
-    return idx, dmin
+        xc = x[s : s + chunk].float()
+        # ||x||² does not change the argmin: add it to the minimum only (one N×K pass saved).
+        dmin[s : s + chunk], idx[s : s + chunk] = torch.addmm(c_sq, xc, c.T, alpha=-2.0).min(1)
+        dmin[s : s + chunk] += xc.square().sum(1)
+    return idx, dmin.clamp_min_(0)
 
 
 def lloyd_refine(
@@ -120,28 +121,31 @@ def lloyd_refine(
 ) -> tuple[torch.Tensor, list[float]]:
     """Lloyd iterations over vectors spread across ranks (each rank passes its own N_r×D rows).
 
-    Per iteration every rank assigns its rows in chunks, then per-centroid sums and counts and the
-    objective are all-reduced, so the result equals Lloyd on the pooled vectors. An empty centroid keeps
-    its position. Returns the centroids with the lowest objective seen (the seed included, so the result
-    is never worse than its seed) and the objective of the seed followed by one per iteration.
+    One pass per iteration: every rank assigns its rows chunk by chunk and accumulates per-centroid
+    sums (float64) and counts; those and the objective are all-reduced, so the result equals Lloyd on
+    the pooled vectors. An empty centroid keeps its position. Returns the centroids with the lowest
+    objective seen (the seed included, so never worse than its seed) and the objective of the seed
+    followed by one per iteration.
     """
     c = centroids.float().to(local.device).clone()
     k, d = c.shape
-    x = local.float()
     history: list[float] = []
     best, best_obj = c.clone(), math.inf
     for it in range(iterations + 1):
-        idx, dmin = assign_chunked(x, c, chunk)
-        obj = _all_reduce(dmin.sum(dtype=torch.float64).reshape(1))
-        history.append(float(obj))
+        sums = torch.zeros(k, d, dtype=torch.float64, device=local.device)
+        counts = torch.zeros(k, dtype=torch.float64, device=local.device)
+        obj = torch.zeros(1, dtype=torch.float64, device=local.device)
+        for s in range(0, local.shape[0], chunk):
+            xc = local[s : s + chunk].float()
+            idx, dmin = assign_chunked(xc, c, chunk)
+            obj += dmin.sum(dtype=torch.float64)
+            sums.index_add_(0, idx, xc.double())
+            counts += torch.bincount(idx, minlength=k)
+        history.append(float(_all_reduce(obj)))
         if history[-1] < best_obj:
             best, best_obj = c.clone(), history[-1]
         if it == iterations:
             break
-        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(
-            0, idx, x.double()
-        )
-        counts = torch.bincount(idx, minlength=k).double()
         _all_reduce(sums)
         _all_reduce(counts)
         nonempty = counts > 0
