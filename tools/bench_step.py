@@ -31,7 +31,7 @@ from quest import recipe as recipes
 from quest import train
 from quest.codebook import Codebook
 from quest.data import DEFAULT_SIZE, family
-from quest.kmeans import fit_kmeans
+from quest.kmeans import available_cpus, fit_kmeans
 from quest.losses import CosineHead, flatten_locations, quest_loss, soft_assign
 from quest.models import build_model
 from quest.student import FrozenTeacher, map_shapes
