@@ -11,6 +11,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and it does not stall when another process holds
+    the other core (two spinning OpenMP threads then take seconds per forward)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""

@@ -28,15 +28,11 @@ needs_faiss = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny problems: one thread for torch and for faiss (fit_kmeans asks for every core, and spinning
-    # OpenMP threads on a shared 2-core machine cost seconds).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    # fit_kmeans asks faiss for every core: keep it to one as well on this shared machine.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kmeans, "available_cpus", lambda: 1)
         yield
-    torch.set_num_threads(previous)
 
 
 def blobs(n_blobs, per_blob, dim, spread=10.0, sigma=0.1, seed=0):

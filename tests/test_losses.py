@@ -19,12 +19,8 @@ from quest.losses import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one intra-op thread is fastest and does not stall on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test of this module runs with one intra-op thread (see conftest)."""
 
 
 def brute_soft_assign(features, centroids, beta):

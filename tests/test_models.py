@@ -18,13 +18,8 @@ from quest.models import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: one intra-op thread is fastest, and it does not stall when another
-    # process holds the other core (two spinning OpenMP threads then take seconds per forward).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test of this module runs with one intra-op thread (see conftest)."""
 
 
 # arch -> (input side in px, {module path: map shape C×H×W}). The DEFAULT_LAYER shapes are the
