@@ -308,3 +308,57 @@ def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_te
     with pytest.raises(CodebookError, match=r"codebook\.build = false"):
         train.main([str(recipe)])
     assert not (tmp_path / "codebook.pt").exists()
+
+
+def test_training_from_shards_matches_training_from_the_folder(tmp_path):
+    from torchvision.io import encode_png
+
+    from conftest import write_recipe
+    from quest import data, shards
+
+    for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):
+        images = data.synthetic(size, 4, 3, 16, seed=seed)
+        for i, (img, label) in enumerate(zip(images.images, images.labels)):
+            folder = tmp_path / "folder" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"img{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    index = shards.convert(
+        tmp_path / "folder",
+        tmp_path / "wds",
+        shard_size=64,
+        val_shard_size=32,
+        workers=1,
+        progress=False,
+    )
+    assert index["splits"]["train"]["total"] == 256 and index["splits"]["val"]["total"] == 64
+    results = {}
+    for kind in ("folder", "wds"):
+        d = {
+            "dataset": kind,
+            "batch_size": 32,
+            "num_workers": 0,
+            "image_size": 16,
+            "transforms": "cifar",
+        }
+        if kind == "folder":
+            d["root"] = str(tmp_path / "folder")
+        else:
+            d["train_shards"] = str(tmp_path / "wds" / index["splits"]["train"]["pattern"])
+            d["val_shards"] = str(tmp_path / "wds" / index["splits"]["val"]["pattern"])
+        recipe = write_recipe(
+            tmp_path / f"{kind}.toml",
+            {
+                "name": kind,
+                "seed": 0,
+                "run": {"dir": str(tmp_path / kind), "channels_last": False},
+                "data": d,
+                "student": {"arch": "resnet8"},
+                "distill": {"method": "none"},
+                "optim": {"epochs": 4, "lr": 0.05},
+            },
+        )
+        results[kind] = train.main([str(recipe)])
+    assert results["wds"]["eval_count"] == results["folder"]["eval_count"] == 64
+    assert results["wds"]["steps"] == results["folder"]["steps"] == 4 * 8
+    assert results["folder"]["top1"] > 60 and results["wds"]["top1"] > 60
+    assert abs(results["folder"]["top1"] - results["wds"]["top1"]) < 15
