@@ -311,9 +311,9 @@ def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_te
 
 
 def test_training_from_shards_matches_training_from_the_folder(tmp_path):
+    from conftest import write_recipe
     from torchvision.io import encode_png
 
-    from conftest import write_recipe
     from quest import data, shards
 
     for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):
