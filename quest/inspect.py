@@ -46,7 +46,7 @@ def collect(teacher, loader, centroids, max_images: int, device):
 
 
 def patch(
-    image: torch.Tensor, row: int, col: int, grid: tuple[int, int], context: float = 2.0
+    image: torch.Tensor, row: int, col: int, grid: tuple[int, int], context: float = 4.0
 ) -> torch.Tensor:
     """The image region under feature location (row, col) of an h×w map, enlarged `context` times."""
     _, H, W = image.shape
