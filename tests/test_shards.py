@@ -448,10 +448,10 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return encode(record, channels)
 
-    monkeypatch.setattr(shards, "encode_record", crash)
+    monkeypatch.setattr(shards.write, "encode_record", crash)
     with pytest.raises(RuntimeError, match="killed"):
         convert(tmp_path / "src", out, shard_size=4, val_shard_size=4, workers=1, progress=False)
-    monkeypatch.setattr(shards, "encode_record", encode)
+    monkeypatch.setattr(shards.write, "encode_record", encode)
     written = sorted(p.name for p in out.glob("*.tar"))
     assert written == ["train-000000.tar", "train-000001.tar"]
     for name in written:

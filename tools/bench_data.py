@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.io import encode_jpeg
@@ -35,7 +36,7 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quest import shards
-from quest.data import STATS
+from quest.data import STATS, _loader_kwargs
 from quest.recipe import Data
 
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         pil = PILTrainStream(
             ds.urls, ds.batches, ds.batch, 0, 0, pil_transforms(args.size), ds.mode
         )
-        pil_loader = shards.wds.WebLoader(pil, batch_size=None, **shards._loader_kwargs(cfg, False))
+        pil_loader = wds.WebLoader(pil, batch_size=None, **_loader_kwargs(cfg, False))
         sides["shards+PIL"] = (pil_loader, next_epoch)
 
     n_images = len(folder_set)

@@ -1,0 +1,68 @@
+"""WebDataset shards: conversion (`python -m quest.shards`) and the streaming readers (dataset = "wds").
+
+Conversion turns an ImageNet-layout folder, the CIFAR-100 python files, Fashion-MNIST IDX files or
+MIT-67 into tar shards of `<key>.<jpg|png|webp|gif>` + `<key>.cls` members:
+
+- the original encoded bytes (no re-encode; in-memory arrays become PNG; a file that only PIL can read,
+  such as BMP, becomes a lossless PNG and is counted as `reencoded`);
+- keys without dots (`n01440764_10026`, never `n01440764_10026.JPEG`: a key ends at the first dot);
+- a fixed-seed shuffled order, `shard_size` samples per train shard, smaller validation shards;
+- every shard written as `<name>.tmp` and renamed when complete, so a killed conversion never leaves a
+  truncated `train-000123.tar`, and a rerun skips finished shards (the sample → shard assignment is a
+  pure function of the source and the seed, checked against `.quest-shards-plan.json`);
+- a file that cannot be decoded is reported (path and reason) and skipped;
+- `sizes.json`, written last: per-shard counts, totals, classes, channels, transform family, source,
+  seed. Streams have no length, so the readers take every size from it.
+
+Readers (see ENGINEERING §3). Training: each (rank, worker) draws shards with replacement from an RNG
+seeded by (seed, epoch, rank, worker), streams them through a shuffle buffer of encoded bytes, decodes
+with `torchvision.io.decode_image` and applies the same v2 transforms as the map-style path, and yields
+exactly its share of `batches_per_epoch` full batches, so every rank takes the same number of steps.
+Validation: the samples, in shard order, are cut into `world × workers` contiguous, equal ranges using
+the size index, so every sample is read exactly once and the readers stay balanced even with fewer
+shards than readers. Neither loader may go through `accelerator.prepare`.
+"""
+
+from .read import (
+    Batcher,
+    ExactStream,
+    StreamBatches,
+    TrainStream,
+    build_wds_loaders,
+    decode_sample,
+    expand_shards,
+    load_index,
+    reader_plan,
+    wds_feature_loader,
+)
+from .write import (
+    IMAGE_FIELDS,
+    INDEX,
+    convert,
+    detect_kind,
+    encode_record,
+    main,
+    sanitize_key,
+    write_shard,
+)
+
+__all__ = [
+    "IMAGE_FIELDS",
+    "INDEX",
+    "Batcher",
+    "ExactStream",
+    "StreamBatches",
+    "TrainStream",
+    "build_wds_loaders",
+    "convert",
+    "decode_sample",
+    "detect_kind",
+    "encode_record",
+    "expand_shards",
+    "load_index",
+    "main",
+    "reader_plan",
+    "sanitize_key",
+    "wds_feature_loader",
+    "write_shard",
+]

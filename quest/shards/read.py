@@ -1,0 +1,474 @@
+"""WebDataset readers for training and evaluation (dataset = "wds"; see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from ..data import (
+    DataError,
+    Loaders,
+    _loader_kwargs,
+    image_size,
+    per_rank,
+    transforms,
+)
+from ..recipe import Data
+from .write import IMAGE_FIELDS, INDEX, SHUFFLE_BUFFER, SHUFFLE_INITIAL, _mode, _short
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str, what: str = "shards") -> list[str]:
+    """Brace patterns ('train-{000000..000012}.tar'), '::'-joined patterns, or a text file listing one
+    pattern per line. Local files must exist; remote URLs are taken as given."""
+    if not spec:
+        raise DataError(f"{what} is empty")
+    path = Path(spec)
+    if not _is_remote(spec) and path.is_file() and not tarfile.is_tarfile(path):
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        patterns = [
+            ln if _is_remote(ln) else str(path.parent / ln)
+            for ln in lines
+            if ln and not ln.startswith("#")
+        ]
+    else:
+        patterns = spec.split("::")
+    urls = [u for pattern in patterns for u in wds.shardlists.expand_urls(pattern)]
+    missing = [u for u in urls if not _is_remote(u) and not Path(u).is_file()]
+    if not urls:
+        raise DataError(f"{what} = {spec!r} names no shards")
+    if missing:
+        raise DataError(
+            f"{what}: {len(missing)} of {len(urls)} shards do not exist, first {missing[0]} "
+            "(check the brace pattern against the files written by `python -m quest.shards`)"
+        )
+    return urls
+
+
+def load_index(urls: list[str]) -> tuple[dict, list[int]]:
+    """The size index next to the shards, and each shard's sample count."""
+    cache: dict[str, dict] = {}
+    counts = []
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        location = f"{folder or '.'}/{INDEX}"
+        if location not in cache:
+            if url.startswith("pipe:"):
+                raise DataError(f"cannot locate {INDEX} for {url}: use file paths or http(s) URLs")
+            try:
+                with wds.gopen(location, "rb") as f:
+                    cache[location] = json.load(f)
+            except (OSError, ValueError) as err:
+                raise DataError(
+                    f"no readable size index {location} ({err}): it is written last by "
+                    "`python -m quest.shards`, so the conversion may be unfinished"
+                ) from None
+        shards = {n: c for s in cache[location]["splits"].values() for n, c in s["shards"].items()}
+        if name not in shards:
+            raise DataError(f"shard {url} is not listed in {location}")
+        counts.append(int(shards[name]))
+    first = next(iter(cache.values()))
+    for other in cache.values():
+        if (other["classes"], other["channels"]) != (first["classes"], first["channels"]):
+            raise DataError(
+                f"the size indexes of {urls[0]} and {urls[-1]} disagree on classes or channels"
+            )
+    return first, counts
+
+
+def decode_sample(sample: dict, mode: ImageReadMode) -> tuple[torch.Tensor, int]:
+    """(uint8 C×H×W, label) from a raw sample; raises on a missing field or undecodable bytes."""
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None or "cls" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(
+            f"expected an image ({'/'.join(IMAGE_FIELDS)}) and a cls field, found {have}"
+        )
+    try:
+        image = decode_image(
+            torch.frombuffer(bytearray(sample[field]), dtype=torch.uint8), mode=mode
+        )
+    except RuntimeError as err:
+        raise ValueError(f"cannot decode {field}: {_short(err)}") from None
+    return (image[0] if image.ndim == 4 else image), int(sample["cls"])
+
+
+class Batcher:
+    """Applies a v2 pipeline to single images and stacks them into a batch.
+
+    When the pipeline ends with ToDtype(float32, scale=True) + Normalize (every family in
+    `quest.data.transforms`), that tail runs in place inside the batch tensor instead: the uint8 image
+    is copied into its slot, scaled and normalised there, with the same operations as the v2 kernels
+    (tests check bit equality). This saves two float temporaries and a stacking copy per image, which
+    cost as much as the JPEG decode where memory allocation is slow. Inside a loader worker the batch
+    is allocated in shared memory, as `default_collate` does, so it is not copied again on its way to
+    the main process."""
+
+    def __init__(self, transform: Callable):
+        steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
+        self.norm = None
+        if (
+            len(steps) >= 2
+            and isinstance(steps[-2], v2.ToDtype)
+            and steps[-2].dtype == torch.float32
+            and steps[-2].scale
+            and isinstance(steps[-1], v2.Normalize)
+        ):
+            self.norm = (list(steps[-1].mean), list(steps[-1].std))
+            self.tail = v2.Compose(steps[-2:])
+            steps = steps[:-2]
+        self.head = v2.Compose(steps) if steps else _identity
+        self.transform = transform
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """The per-image part (uint8 out when the tail is deferred to `batch`)."""
+        return self.head(image) if self.norm else self.transform(image)
+
+    def batch(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+        images = [x for x, _ in items]
+        if self.norm is None or any(x.dtype != torch.uint8 for x in images):
+            if self.norm:  # not uint8 after all: the deferred tail as plain v2
+                images = [self.tail(x) for x in images]
+            return default_collate(images), labels
+        shape = images[0].shape
+        if any(x.shape != shape for x in images):
+            raise DataError(
+                f"images of different sizes in one batch ({shape} and others): these transforms "
+                "do not give a fixed size; set data.transforms and data.image_size"
+            )
+        out = _empty((len(images), *shape))
+        mean, std = self.norm
+        for slot, x in zip(out, images):
+            slot.copy_(x)  # = x.to(float32)
+            slot.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True) on uint8
+            v2.functional.normalize(slot, mean, std, inplace=True)
+        return out, labels
+
+
+def _identity(x):
+    return x
+
+
+def _empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor, in shared memory inside a loader worker (as torch's default_collate)."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    elem = torch.empty(0)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).view(shape)
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from a tuple, the same in every process (unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class StreamBatches:
+    """The `TrainBatches` contract for a stream: `batches_per_epoch` = ceil(samples / global batch),
+    independent of the number of workers; `set_epoch` reaches persistent loader workers through shared
+    memory, read when the loader is next iterated. `corrupt` counts skipped training samples."""
+
+    def __init__(self, n: int, batch: int, world: int, epoch_size: int = 0):
+        self.samples = max(epoch_size, n) if epoch_size else n
+        self.batches_per_epoch = max(1, math.ceil(self.samples / (batch * world)))
+        self._epoch = mp.Value("q", 0)
+        self._start = mp.Value("q", 0)
+        self._corrupt = mp.Value("q", 0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
+        self._epoch.value, self._start.value = epoch, start_batch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @property
+    def start(self) -> int:
+        return self._start.value
+
+    @property
+    def corrupt(self) -> int:
+        return self._corrupt.value
+
+    def count_corrupt(self) -> None:
+        with self._corrupt.get_lock():
+            self._corrupt.value += 1
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+
+class _Skip:
+    """wds handler: warn, count, continue (picklable for spawned workers)."""
+
+    def __init__(self, counter: Callable[[], None], what: str):
+        self.counter, self.what = counter, what
+
+    def __call__(self, exn: BaseException) -> bool:
+        warnings.warn(f"skipping unreadable {self.what}: {exn}", stacklevel=2)
+        self.counter()
+        return True
+
+
+class TrainStream(IterableDataset):
+    """Resampled training batches for one rank (the `WebDataset(resampled=True)` pipeline of
+    ENGINEERING §3 with an epoch-seeded shard sampler: webdataset 1.0.2 seeds its own from the clock).
+
+    Each (rank, worker) draws shards with replacement from an RNG seeded by (seed, epoch, rank,
+    worker), so ranks need no node splitting. The worker yields its share of the rank's
+    `batches_per_epoch - start` batches (a `with_epoch` that follows `set_epoch`). Resuming mid-epoch
+    therefore starts a fresh epoch-seeded stream for the remaining batches: a resampled stream has no
+    position to restore, and replaying it batch by batch would only cost time."""
+
+    def __init__(
+        self,
+        urls,
+        batches: StreamBatches,
+        batch: int,
+        rank: int,
+        seed: int,
+        transform,
+        mode: ImageReadMode,
+        buffer: int = SHUFFLE_BUFFER,
+        initial: int = SHUFFLE_INITIAL,
+    ):
+        self.urls, self.batches, self.batch = list(urls), batches, batch
+        self.rank, self.seed, self.mode = rank, seed, mode
+        self.batcher = Batcher(transform)
+        self.buffer, self.initial = buffer, initial
+        self.handler = _Skip(batches.count_corrupt, "training shard")
+
+    def load(self, sample: dict) -> tuple[torch.Tensor, int]:
+        """Decode and augment one raw sample (ValueError when it cannot be decoded)."""
+        image, label = decode_sample(sample, self.mode)
+        return self.batcher.image(image), label
+
+    def _samples(self, rng: random.Random) -> Iterator[dict]:
+        empty = 0
+        while True:
+            url = rng.choice(self.urls)
+            n = 0
+            for sample in wds.tarfile_samples([{"url": url}], handler=self.handler):
+                n += 1
+                yield sample
+            empty = 0 if n else empty + 1
+            if empty >= 50:
+                raise DataError(f"50 training shards in a row gave no readable sample (last {url})")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, workers = _worker()
+        epoch, remaining = self.batches.epoch, len(self.batches)
+        mine = remaining // workers + (worker < remaining % workers)
+        if mine == 0:
+            return
+        key = (self.seed, epoch, self.rank, worker)
+        stream = self._samples(random.Random(_seed(*key, "shards")))
+        shuffle = wds.shuffle(self.buffer, self.initial, rng=random.Random(_seed(*key, "buf")))
+        stream = shuffle(stream)
+        for b in range(mine):
+            items = []
+            # augmentation seeded per batch; the caller's RNG state is restored afterwards
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(*key, b))
+                while len(items) < self.batch:
+                    sample = next(stream)
+                    try:
+                        items.append(self.load(sample))
+                    except ValueError as err:
+                        where = f"{sample['__url__']} key {sample['__key__']}"
+                        warnings.warn(f"skipping training sample {where}: {err}", stacklevel=1)
+                        self.batches.count_corrupt()
+            yield self.batcher.batch(items)
+
+
+def reader_plan(counts: list[int], reader: int, readers: int, keep: np.ndarray | None = None):
+    """What reader `reader` of `readers` reads: [(shard, first, stop, picks)], offsets within the shard.
+    The selected samples (all, or the sorted global indices `keep`) in shard order are cut into
+    `readers` contiguous ranges whose sizes differ by at most one: each is read exactly once, and no
+    reader idles when there are fewer shards than readers."""
+    cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    plan = []
+    if keep is None:
+        total = int(cum[-1])
+        a, b = total * reader // readers, total * (reader + 1) // readers
+        for s in range(len(counts)):
+            lo, hi = max(a, int(cum[s])), min(b, int(cum[s + 1]))
+            if lo < hi:
+                plan.append((s, lo - int(cum[s]), hi - int(cum[s]), None))
+        return plan
+    m = len(keep)
+    mine = np.asarray(keep[m * reader // readers : m * (reader + 1) // readers], dtype=np.int64)
+    shard = np.searchsorted(cum, mine, side="right") - 1
+    for s in np.unique(shard).tolist():
+        offsets = (mine[shard == s] - cum[s]).tolist()
+        plan.append((s, offsets[0], offsets[-1] + 1, frozenset(offsets)))
+    return plan
+
+
+class ExactStream(IterableDataset):
+    """Every selected sample exactly once over ranks × workers, in batches (the last one partial).
+    strict: an unreadable sample is an error naming shard and key (validation); otherwise it is
+    skipped with a warning and counted (feature extraction over training shards)."""
+
+    def __init__(
+        self,
+        urls,
+        counts,
+        rank: int,
+        world: int,
+        batch: int,
+        transform,
+        mode: ImageReadMode,
+        keep: np.ndarray | None = None,
+        strict: bool = True,
+        counter=None,
+    ):
+        self.urls, self.counts, self.rank, self.world = list(urls), list(counts), rank, world
+        self.batch, self.batcher, self.mode = batch, Batcher(transform), mode
+        self.keep, self.strict, self.counter = keep, strict, counter
+
+    def _fail(self, message: str) -> None:
+        if self.strict:
+            raise DataError(message)
+        warnings.warn(f"skipping {message}", stacklevel=2)
+        if self.counter is not None:
+            self.counter()
+
+    def _read(self, url: str, first: int, stop: int, picks) -> Iterator[tuple[torch.Tensor, int]]:
+        what = "validation shard" if self.strict else "shard"
+        samples = wds.tarfile_samples([{"url": url}])
+        key = "(start of shard)"
+        for i in range(stop):
+            try:
+                sample = next(samples)
+            except StopIteration:
+                self._fail(f"{what} {url} holds {i} samples but {INDEX} promises at least {stop}")
+                return
+            except Exception as err:
+                self._fail(f"{what} {url}: unreadable after key {key}: {_short(err)}")
+                return
+            key = sample["__key__"]
+            if i < first or (picks is not None and i not in picks):
+                continue
+            try:
+                image, label = decode_sample(sample, self.mode)
+            except ValueError as err:
+                self._fail(f"{what} {url}, key {key}: {err}")
+                continue
+            yield self.batcher.image(image), label
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker, workers = _worker()
+        plan = reader_plan(
+            self.counts, self.rank * workers + worker, self.world * workers, self.keep
+        )
+        items = []
+        for shard, first, stop, picks in plan:
+            for item in self._read(self.urls[shard], first, stop, picks):
+                items.append(item)
+                if len(items) == self.batch:
+                    yield self.batcher.batch(items)
+                    items = []
+        if items:
+            yield self.batcher.batch(items)
+
+
+def _family_cfg(cfg: Data, index: dict) -> Data:
+    """The recipe's transform family, or the one recorded in the size index when unset."""
+    return cfg if cfg.transforms else dataclasses.replace(cfg, transforms=index["family"])
+
+
+def _check_cfg(cfg: Data) -> None:
+    if cfg.val_fraction or cfg.per_class or cfg.keep_fraction < 1.0:
+        raise DataError(
+            "data.val_fraction, per_class and keep_fraction do not apply to dataset = 'wds'"
+        )
+
+
+def build_wds_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool) -> Loaders:
+    """Training and validation loaders for this rank from `data.train_shards` / `data.val_shards`.
+    Sizes, classes and channels come from the shards' `sizes.json`."""
+    _check_cfg(cfg)
+    train_urls = expand_shards(cfg.train_shards, "data.train_shards")
+    val_urls = expand_shards(cfg.val_shards, "data.val_shards")
+    index, train_counts = load_index(train_urls)
+    val_index, val_counts = load_index(val_urls)
+    if val_index["classes"] != index["classes"]:
+        raise DataError(
+            "data.train_shards and data.val_shards come from conversions with other classes"
+        )
+    cfg = _family_cfg(cfg, index)
+    batch = per_rank(cfg.batch_size, world, "data.batch_size")
+    eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
+    mode = _mode(index["channels"])
+    batches = StreamBatches(sum(train_counts), batch, world, cfg.epoch_size)
+    train = TrainStream(train_urls, batches, batch, rank, seed, transforms(cfg, True), mode)
+    val = ExactStream(val_urls, val_counts, rank, world, eval_batch, transforms(cfg, False), mode)
+    kw = _loader_kwargs(cfg, pin)
+    return Loaders(
+        train=wds.WebLoader(train, batch_size=None, **kw),
+        train_batches=batches,
+        eval=wds.WebLoader(val, batch_size=None, **kw),
+        num_classes=cfg.num_classes or index["num_classes"],
+        in_channels=index["channels"],
+        image_size=image_size(cfg),
+        train_size=sum(train_counts),
+        eval_size=sum(val_counts),
+    )
+
+
+def wds_feature_loader(cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0):
+    """The training shards under the evaluation transforms, each image once over ranks and workers
+    (codebook stage). max_images > 0 takes a seeded random subset first. Unreadable samples are
+    skipped with a warning."""
+    _check_cfg(cfg)
+    urls = expand_shards(cfg.train_shards, "data.train_shards")
+    index, counts = load_index(urls)
+    cfg = _family_cfg(cfg, index)
+    n = sum(counts)
+    keep = None
+    if 0 < max_images < n:
+        g = torch.Generator().manual_seed(seed + 31337)
+        keep = np.sort(torch.randperm(n, generator=g)[:max_images].numpy())
+    batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
+    ds = ExactStream(
+        urls,
+        counts,
+        rank,
+        world,
+        batch,
+        transforms(cfg, False),
+        _mode(index["channels"]),
+        keep=keep,
+        strict=False,
+    )
+    return wds.WebLoader(ds, batch_size=None, **_loader_kwargs(cfg, False))
