@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if main_proc:
         artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
+        artifacts.save_json(recipes.to_dict(recipe), run_dir / "recipe.json")
         artifacts.save_json(
             {**artifacts.provenance(), "world_size": accelerator.num_processes},
             run_dir / "env.json",
