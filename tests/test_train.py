@@ -41,6 +41,7 @@ def test_teacher_codebook_student_evaluate(tmp_path, trained_teacher):
     run = tmp_path / "quest"
     for name in (
         "recipe.toml",
+        "recipe.json",
         "env.json",
         "metrics.jsonl",
         "summary.json",
