@@ -7,10 +7,10 @@ Changes that leave the state dict untouched: non-in-place ReLUs, adaptive poolin
 sizes a fixed AvgPool2d from `input_size`), `in_channels`.
 """
 
-import math
-
 import torch
 from torch import nn
+
+from .vgg import init_fan_out
 
 
 def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
@@ -81,17 +81,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(last_channel, num_classes))
 
-        # RepDistiller's init: He (fan_out) convs, unit BN, N(0, 0.01) Linear, zero biases.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out(self)  # RepDistiller's init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -45,8 +45,9 @@ VGG9_POOL5_LAYER = "features.28"
 _VGG9_CFG: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
-def _init_vgg(model: nn.Module) -> None:
-    # RepDistiller / QuEST init: He (fan_out) convs, unit BN, N(0, 0.01) Linear, zero biases.
+def init_fan_out(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """RepDistiller / QuEST init: He (fan_out) convs, unit BN, zero biases, N(0, linear_std) Linear
+    weights (None keeps PyTorch's default Linear weight, as RepDistiller's WRN does)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -57,7 +58,8 @@ def _init_vgg(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
             nn.init.zeros_(m.bias)
 
 
@@ -86,7 +88,7 @@ class VGG(nn.Module):
             self.add_module(f"pool{i}", nn.MaxPool2d(kernel_size=2, stride=2))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
-        _init_vgg(self)
+        init_fan_out(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_size = x.shape[2]
@@ -133,7 +135,7 @@ class VGG9BN(nn.Module):
         self.classifier = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)
         )
-        _init_vgg(self)
+        init_fan_out(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -6,10 +6,10 @@ Changes that leave the state dict untouched: non-in-place ReLUs, adaptive poolin
 no dropout (every CRD WRN uses drop rate 0).
 """
 
-import math
-
 import torch
 from torch import nn
+
+from .vgg import init_fan_out
 
 
 class WideBasicBlock(nn.Module):
@@ -74,16 +74,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        # RepDistiller's init: He (fan_out) convs, unit BN, zero Linear bias.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_fan_out(self, linear_std=None)  # RepDistiller's init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
