@@ -43,12 +43,6 @@ def soft_assign(
     return out
 
 
-def squared_distances(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """N×K squared Euclidean distances (float32, clamped at 0 against rounding)."""
-    f, c = features.float(), centroids.float()
-    return (f.square().sum(1, keepdim=True) - 2 * f @ c.T + c.square().sum(1)).clamp_min_(0)
-
-
 class CosineHead(nn.Module):
     """1×1 cosine convolution: s_k(u) = gamma · <f(u)/||f(u)||, w_k/||w_k||> (+ b_k).
 

@@ -119,6 +119,11 @@ class FrozenTeacher:
         self.model.to(*args, **kwargs)
         return self
 
+    def map_shapes(self, in_channels: int, size: int) -> list[torch.Size]:
+        """C×H×W of each level's map after pooling, for one size×size input."""
+        shapes = map_shapes(self.model, self.layers, in_channels, size)
+        return [torch.Size([c, h // p, w // p]) for (c, h, w), p in zip(shapes, self.pools)]
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         logits = self.model(x)
         return logits, [pool_map(self._maps[n], p) for n, p in zip(self.layers, self.pools)]

@@ -329,14 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe.uses_quest:
         codebooks = ensure_codebooks(recipe, teacher, accelerator)
         codebooks = [cb.to(device) for cb in codebooks]
-    teacher_shapes = []
-    if recipe.uses_quest:
-        teacher_shapes = map_shapes(
-            teacher.model, teacher.layers, loaders.in_channels, loaders.image_size
-        )
-        teacher_shapes = [
-            torch.Size([s[0], s[1] // p, s[2] // p]) for s, p in zip(teacher_shapes, teacher.pools)
-        ]
+    teacher_shapes = (
+        teacher.map_shapes(loaders.in_channels, loaders.image_size) if recipe.uses_quest else []
+    )
     torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
     student = build_student(recipe, loaders, codebooks, teacher_shapes).to(
         device, memory_format=memory

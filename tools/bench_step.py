@@ -58,8 +58,7 @@ def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bo
         build_model(r.teacher.arch, info.num_classes, info.in_channels), layers, pools
     )
     teacher.model.to(accelerator.device, memory_format=memory)
-    shapes = map_shapes(teacher.model, layers, info.in_channels, info.image_size)
-    shapes = [torch.Size([s[0], s[1] // p, s[2] // p]) for s, p in zip(shapes, pools)]
+    shapes = teacher.map_shapes(info.in_channels, info.image_size)
     books = [
         Codebook(torch.randn(r.codebook.size, s[0]) * 0.5, {}).to(accelerator.device)
         for s in shapes
