@@ -186,6 +186,20 @@ def ensure_codebooks(
     return build_codebooks(recipe, teacher, accelerator, loader)
 
 
+def check_map_sizes(recipe: Recipe, loaders: Loaders, teacher_shapes) -> None:
+    """Teacher and student maps of every level must share H×W: checked before any k-means runs."""
+    probe = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
+    layers = student_layers(recipe)
+    shapes = map_shapes(probe, layers, loaders.in_channels, loaders.image_size)
+    for i, (layer, s_shape, t_shape) in enumerate(zip(layers, shapes, teacher_shapes)):
+        if s_shape[1:] != t_shape[1:]:
+            raise ModelError(
+                f"level {i}: student map {layer} is {tuple(s_shape)} (C×H×W) but the teacher map is "
+                f"{tuple(t_shape)}: the H×W must agree — set teacher.pool (e.g. 2 for a 2× smaller "
+                "student map) or choose other layers"
+            )
+
+
 def build_student(
     recipe: Recipe, loaders: Loaders, codebooks: list[Codebook], teacher_shapes
 ) -> Student:
@@ -196,15 +210,7 @@ def build_student(
     shapes = map_shapes(backbone, layers, loaders.in_channels, loaders.image_size)
     d = recipe.distill
     heads = []
-    for i, (layer, s_shape, t_shape, book) in enumerate(
-        zip(layers, shapes, teacher_shapes, codebooks)
-    ):
-        if s_shape[1:] != t_shape[1:]:
-            raise ModelError(
-                f"level {i}: student map {layer} is {tuple(s_shape)} (C×H×W) but the teacher map is "
-                f"{tuple(t_shape)}: the H×W must agree — set teacher.pool (e.g. 2 for a 2× smaller "
-                "student map) or choose other layers"
-            )
+    for i, (s_shape, t_shape, book) in enumerate(zip(shapes, teacher_shapes, codebooks)):
         if book.centroids.shape[1] != t_shape[0]:
             raise ModelError(
                 f"level {i}: codebook has {book.centroids.shape[1]}-dim words but the teacher map has "
@@ -326,12 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
         teacher = build_teacher(recipe, loaders, device)
         teacher.model.to(memory_format=memory)
         teacher_top1 = check_teacher(recipe, teacher, loaders, accelerator)
+    teacher_shapes = []
     if recipe.uses_quest:
-        codebooks = ensure_codebooks(recipe, teacher, accelerator)
-        codebooks = [cb.to(device) for cb in codebooks]
-    teacher_shapes = (
-        teacher.map_shapes(loaders.in_channels, loaders.image_size) if recipe.uses_quest else []
-    )
+        teacher_shapes = teacher.map_shapes(loaders.in_channels, loaders.image_size)
+        check_map_sizes(recipe, loaders, teacher_shapes)
+        codebooks = [cb.to(device) for cb in ensure_codebooks(recipe, teacher, accelerator)]
     torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
     student = build_student(recipe, loaders, codebooks, teacher_shapes).to(
         device, memory_format=memory
