@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +65,32 @@ def test_bench_step_runs_and_prints_the_ratio(tmp_path):
     assert any("% of the quest step" in line for line in lines) and any(
         "fit_kmeans" in line for line in lines
     )
+
+
+def test_results_table_runs_every_method_over_seeds_side_by_side(tmp_path, trained_teacher):
+    recipes_dir = tmp_path / "recipes"
+    recipes_dir.mkdir()
+    for name, method in [
+        ("student_alone", "none"),
+        ("kd", "kd"),
+        ("quest", "quest"),
+        ("quest_kd", "quest+kd"),
+    ]:
+        tiny(recipes_dir, name, method=method, teacher=trained_teacher, optim__epochs=1)
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "tools/results_table.py", "--recipes", str(recipes_dir)]
+    cmd += ["--seeds", "2", "--jobs", "2", "--out", str(out_dir)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (recipes_dir / "codebook.pt").exists()  # built once, before the parallel runs
+    table = (out_dir / "results.md").read_text()
+    for slug, label in [("student_alone", "student alone"), ("kd", "KD"), ("quest", "QuEST")]:
+        top1 = [
+            json.loads((out_dir / slug / f"seed{s}" / "summary.json").read_text())["top1"]
+            for s in (0, 1)
+        ]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} ("))
+        mean, std = statistics.mean(top1), statistics.stdev(top1)
+        assert f"**{mean:.2f} ± {std:.2f}**" in row and f"{top1[0]:.2f}, {top1[1]:.2f}" in row
+    assert (out_dir / "results.png").stat().st_size > 0
+    assert "2 runs at a time" in table

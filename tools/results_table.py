@@ -2,10 +2,12 @@
 
     python tools/results_table.py [--seeds 3] [--epochs N] [--out runs/results] [section.key=value ...]
 
-Trains the teacher once (recipes/fashion_mnist/teacher.toml, reused when its student.pt exists), then
-every method recipe of recipes/fashion_mnist/ for each seed (each a `python -m quest.train` process:
-the same code path as any run), and writes OUT/results.md (last-epoch top-1 mean ± std, per-seed
-values, wall time per run, codebook diagnostics) and OUT/results.png (bars with ±1 std error bars).
+Trains the teacher once (recipes/fashion_mnist/teacher.toml, reused when its student.pt exists) and
+builds the QuEST codebook once (reused when present), then runs every method recipe of
+recipes/fashion_mnist/ for each seed, `--jobs` at a time (each a `python -m quest.train` process with
+cores/jobs threads: the same code path as any run; on few cores, single-threaded runs side by side
+beat one run on every core). Writes OUT/results.md (last-epoch top-1 mean ± std, per-seed values,
+wall time per run and per stage, codebook diagnostics) and OUT/results.png (bars with ±1 std).
 Extra `section.key=value` arguments apply to every student run (e.g. data.per_class=600).
 """
 
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,23 +29,49 @@ sys.path.insert(0, str(REPO))
 from quest import artifacts  # noqa: E402
 from quest import recipe as recipes  # noqa: E402
 
-METHODS = [  # (label, recipe)
-    ("student alone", "recipes/fashion_mnist/student_alone.toml"),
-    ("KD", "recipes/fashion_mnist/kd.toml"),
-    ("QuEST", "recipes/fashion_mnist/quest.toml"),
-    ("QuEST + KD", "recipes/fashion_mnist/quest_kd.toml"),
+METHODS = [  # (label, recipe file in --recipes)
+    ("student alone", "student_alone.toml"),
+    ("KD", "kd.toml"),
+    ("QuEST", "quest.toml"),
+    ("QuEST + KD", "quest_kd.toml"),
 ]
 
 
-def run(recipe: str, overrides: list[str]) -> dict:
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    cmd = [sys.executable, "-m", "quest.train", recipe, *overrides]
-    print("$", " ".join(cmd), flush=True)
+def run(module: str, recipe: str, overrides: list[str], threads: int) -> None:
+    env = {
+        **os.environ,
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+    }
+    cmd = [sys.executable, "-m", module, recipe, *overrides]
+    print(f"$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']}", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit(f"run failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+
+
+def train(recipe: str, overrides: list[str], threads: int) -> dict:
+    run("quest.train", recipe, overrides, threads)
     run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.dir="))
     return json.loads((REPO / run_dir / "summary.json").read_text())
+
+
+def prepare_teacher_and_codebook(quest_recipe: str, common: list[str], threads: int) -> dict:
+    """Train the teacher and build the codebook once, before the parallel student runs (which
+    would otherwise race to create them). Returns the seconds each stage took (0 when reused)."""
+    seconds = {"teacher": 0.0, "codebook": 0.0}
+    r = recipes.load(quest_recipe, common)
+    if not (REPO / r.teacher.checkpoint).exists():
+        if not r.teacher.recipe:
+            sys.exit(f"no teacher at {r.teacher.checkpoint} and no teacher.recipe to train one")
+        t = time.time()
+        run("quest.train", r.teacher.recipe, [], threads)
+        seconds["teacher"] = time.time() - t
+    if not (REPO / r.codebook.path).exists():
+        t = time.time()
+        run("quest.codebook", quest_recipe, common, threads)
+        seconds["codebook"] = time.time() - t
+    return seconds
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,24 +88,48 @@ def main(argv=None) -> None:
         "--epochs", type=int, default=0, help="override optim.epochs of the student runs"
     )
     parser.add_argument("--out", default="runs/results")
+    parser.add_argument(
+        "--recipes",
+        default="recipes/fashion_mnist",
+        help="folder with student_alone.toml, kd.toml, quest.toml and quest_kd.toml",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="student runs side by side, each with cores/jobs threads (default: one per core)",
+    )
     args = parser.parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
+    cores = os.cpu_count() or 1
     common = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
-    rows = []
-    for label, recipe in METHODS:
-        slug = Path(recipe).stem
-        summaries = []
-        for seed in range(args.seeds):
-            run_dir = out / slug / f"seed{seed}"
-            summary_file = REPO / run_dir / "summary.json"
-            if summary_file.exists():  # a finished run is reused: the table can be resumed
-                summaries.append(json.loads(summary_file.read_text()))
-                continue
-            summaries.append(run(recipe, [f"seed={seed}", f"run.dir={run_dir}", *common]))
-        rows.append((label, recipe, summaries))
+    methods = [(label, str(Path(args.recipes) / name)) for label, name in METHODS]
+    stage_s = prepare_teacher_and_codebook(methods[2][1], common, threads=cores)
+    t_students = time.time()
+
+    def student(job: tuple[str, int]) -> dict:
+        recipe, seed = job
+        run_dir = out / Path(recipe).stem / f"seed{seed}"
+        summary_file = REPO / run_dir / "summary.json"
+        if summary_file.exists():  # a finished run is reused: the table can be resumed
+            return json.loads(summary_file.read_text())
+        overrides = [f"seed={seed}", f"run.dir={run_dir}", *common]
+        return train(recipe, overrides, threads=max(1, cores // args.jobs))
+
+    jobs = [(recipe, seed) for _, recipe in methods for seed in range(args.seeds)]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        try:
+            done = list(pool.map(student, jobs))
+        except RuntimeError as e:
+            sys.exit(str(e))
+    stage_s["students"] = time.time() - t_students
+    rows = [
+        (label, recipe, done[i * args.seeds : (i + 1) * args.seeds])
+        for i, (label, recipe) in enumerate(methods)
+    ]
     teacher_top1 = rows[2][2][0]["teacher_top1"]  # measured by the QuEST runs on the full test set
-    r0 = recipes.load(METHODS[2][1], common)
+    r0 = recipes.load(methods[2][1], common)
     lines = [
         "# Fashion-MNIST: QuEST vs KD vs student alone",
         "",
@@ -103,10 +156,10 @@ def main(argv=None) -> None:
         )
     lines += [
         "",
-        f"Generated by `python tools/results_table.py --seeds {args.seeds}"
-        f"{f' --epochs {args.epochs}' if args.epochs else ''}{' ' + ' '.join(args.overrides) if args.overrides else ''}` "
-        f"in {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; runs already finished are reused).",
+        f"Generated by `python tools/results_table.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        f"in {time.time() - t0:.0f} s on {cores} CPU cores, {args.jobs} runs at a time "
+        f"(teacher {stage_s['teacher']:.0f} s, codebook {stage_s['codebook']:.0f} s, "
+        f"student runs {stage_s['students']:.0f} s; 0 = reused, as are finished runs).",
     ]
     artifacts.save_text("\n".join(lines) + "\n", out / "results.md")
     plot(stats, teacher_top1, out / "results.png")
