@@ -347,12 +347,15 @@ def per_rank(batch: int, world: int, what: str) -> int:
     return batch // world
 
 
-def build_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool = False) -> Loaders:
-    """Training and evaluation loaders for this rank (batch sizes in the recipe are global)."""
+def build_loaders(
+    cfg: Data, *, seed: int, rank: int, world: int, pin: bool = False, device=None
+) -> Loaders:
+    """Training and evaluation loaders for this rank (batch sizes in the recipe are global).
+    Shard (wds) batches arrive on `device`, normalised there; map-style batches stay on the CPU."""
     if cfg.dataset == "wds":
         from .shards import build_wds_loaders
 
-        return build_wds_loaders(cfg, seed=seed, rank=rank, world=world, pin=pin)
+        return build_wds_loaders(cfg, seed=seed, rank=rank, world=world, pin=pin, device=device)
     train, held = splits(cfg, seed)
     batch = per_rank(cfg.batch_size, world, "data.batch_size")
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
@@ -378,14 +381,16 @@ def build_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool = Fa
 
 
 def feature_loader(
-    cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0
+    cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0, device=None
 ) -> DataLoader:
     """The training images under the *evaluation* transforms (codebook stage), split across ranks.
     max_images > 0 takes a seeded random subset of that many images first."""
     if cfg.dataset == "wds":
         from .shards import wds_feature_loader
 
-        return wds_feature_loader(cfg, seed=seed, rank=rank, world=world, max_images=max_images)
+        return wds_feature_loader(
+            cfg, seed=seed, rank=rank, world=world, max_images=max_images, device=device
+        )
     train, _ = splits(cfg, seed)
     order = range(len(train))
     if 0 < max_images < len(train):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .losses import CosineHead
 
@@ -82,6 +83,78 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
         parts.append("check teacher.arch / data.num_classes against the checkpoint")
         raise ModelError("\n  ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: list[str] = ()) -> int:
+    """Fold every eval-mode BatchNorm2d into the Conv2d that feeds it, in place, for a frozen model.
+
+    Pairs come from the autograd graph of one forward of `example`, so no naming convention is
+    assumed: a conv (called once) whose output is consumed by nothing but one BN (called once). A conv
+    whose output also feeds a residual sum, or is named in `keep` (a tapped map), keeps its own
+    output. The BN becomes nn.Identity at the same name, so a tap on it still sees the BN's output.
+    The folded model is checked against the original on `example` and restored on disagreement.
+    Returns the number of folded pairs. Saves one pass over every activation map it folds."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (frozen running statistics)")
+    names = {m: n for n, m in model.named_modules()}
+    nodes: dict[str, list] = {}  # module name -> grad_fn of its output, per call
+
+    def on_module(module, _inputs, output):
+        nodes.setdefault(names[module], []).append(output.grad_fn)
+
+    handles = [
+        m.register_forward_hook(on_module)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        or (isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.affine)
+    ]
+    try:
+        with torch.enable_grad():
+            out = model(example.detach().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, torch.Tensor):
+        return 0  # a model with several outputs: left as it is
+    reference = out.detach()
+    consumers: dict = {}  # autograd node -> the nodes that use its output
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                consumers.setdefault(parent, []).append(node)
+                stack.append(parent)
+    del out
+    once = {n: fns[0] for n, fns in nodes.items() if len(fns) == 1 and fns[0] is not None}
+    bn_of = {fn: n for n, fn in once.items() if isinstance(model.get_submodule(n), nn.BatchNorm2d)}
+    pairs = []
+    for name, fn in once.items():
+        users = consumers.get(fn, [])
+        conv = isinstance(model.get_submodule(name), nn.Conv2d)
+        if conv and name not in keep and len(users) == 1 and users[0] in bn_of:
+            pairs.append((name, bn_of[users[0]]))
+    originals = []
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            originals.append((conv_name, conv, bn_name, bn))
+            _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+            _set_submodule(model, bn_name, nn.Identity())
+        if pairs and not torch.allclose(model(example), reference, rtol=1e-3, atol=1e-4):
+            for conv_name, conv, bn_name, bn in originals:  # never silently change the teacher
+                _set_submodule(model, conv_name, conv)
+                _set_submodule(model, bn_name, bn)
+            return 0
+    return len(pairs)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()

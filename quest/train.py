@@ -96,6 +96,7 @@ def setup(path: str, overrides: list[str]) -> tuple[Recipe, Accelerator, Loaders
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         pin=accelerator.device.type == "cuda",
+        device=accelerator.device,
     )
     return recipe, accelerator, loaders
 
@@ -182,6 +183,7 @@ def ensure_codebooks(
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         max_images=recipe.codebook.max_images,
+        device=accelerator.device,
     )
     return build_codebooks(recipe, teacher, accelerator, loader)
 

@@ -365,3 +365,78 @@ def test_pretrained_torchvision_head_and_stem_are_replaced(monkeypatch):
     assert tuple(model.conv1.weight.shape) == (64, 1, 7, 7)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 67)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, as in a trained network."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "arch, size",
+    [
+        ("resnet8", 32),
+        ("wrn_16_1", 32),
+        ("vgg8", 32),
+        ("mobilenetv2", 32),
+        ("shufflenetv1", 32),
+        ("tv_resnet18", 64),
+    ],
+)
+def test_fold_batchnorm_folds_every_conv_bn_pair_and_keeps_outputs(arch, size):
+    from quest.student import fold_batchnorm
+
+    model = _randomise_bn(build_model(arch, 10, 3))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+    folded = fold_batchnorm(model, x[:2])
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert folded > 0 and folded + left == n_bn
+    if arch != "wrn_16_1":  # WRN is pre-activation: its first BN of a block follows an add
+        assert left == 0
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_keeps_tapped_convs_and_taps_see_the_same_maps():
+    from quest.student import fold_batchnorm, tap
+
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("vgg8", 10, 3))
+    pre_relu = PRE_RELU_LAYER["vgg8"]  # conv + BN, the map before its ReLU
+    assert isinstance(model.get_submodule(f"{pre_relu}.1"), nn.BatchNorm2d)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = tap(model, [pre_relu, "block0.0"])
+    with torch.no_grad():
+        model(x)
+    expected = {k: v.clone() for k, v in ref.items()}
+
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("vgg8", 10, 3))
+    fold_batchnorm(model, x, keep=["block0.0"])
+    assert isinstance(model.get_submodule("block0.0"), nn.Conv2d)  # tapped conv: not folded
+    assert isinstance(model.get_submodule("block0.1"), nn.BatchNorm2d)
+    assert isinstance(model.get_submodule(f"{pre_relu}.1"), nn.Identity)
+    maps = tap(model, [pre_relu, "block0.0"])
+    with torch.no_grad():
+        model(x)
+    for name in expected:
+        torch.testing.assert_close(maps[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_refuses_training_mode():
+    from quest.student import fold_batchnorm
+
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(build_model("resnet8", 10, 3).train(), torch.randn(1, 3, 32, 32))

@@ -234,7 +234,7 @@ def test_cifar_pickle_round_trip(tmp_path):
     ("family", "channels", "size"), [("imagenet", 3, 40), ("cifar", 3, 32), ("mnist", 1, 28)]
 )
 @pytest.mark.parametrize("train", [True, False])
-def test_batcher_matches_v2_pipeline_bit_for_bit(family, channels, size, train):
+def test_batcher_and_model_input_match_the_v2_pipeline(family, channels, size, train):
     transform = transforms(
         Data(transforms=family, image_size=16 if family == "imagenet" else 0), train
     )
@@ -247,10 +247,17 @@ def test_batcher_matches_v2_pipeline_bit_for_bit(family, channels, size, train):
     expected = torch.stack([transform(x) for x in images])
     torch.manual_seed(7)
     batcher = Batcher(transform)
-    assert batcher.norm is not None  # the fused path is the one under test
+    assert batcher.norm is not None and batcher.to_model_input() is None  # fused in the worker
     x, y = batcher.batch([(batcher.image(img), i) for i, img in enumerate(images)])
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and y.tolist() == [0, 1, 2, 3, 4]
-    assert torch.equal(x, expected)
+    torch.testing.assert_close(x, expected, rtol=0, atol=2e-6)  # one multiply-add vs four ops
+
+    torch.manual_seed(7)
+    deferred = Batcher(transform, defer=True)  # as for a CUDA device: uint8 out of the workers
+    raw, y = deferred.batch([(deferred.image(img), i) for i, img in enumerate(images)])
+    assert raw.dtype == torch.uint8 and y.tolist() == [0, 1, 2, 3, 4]
+    finished, _ = deferred.to_model_input("cpu")((raw, y))
+    assert torch.equal(finished, x)
 
 
 @pytest.mark.parametrize(

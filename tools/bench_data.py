@@ -7,7 +7,8 @@ run after a warm-up epoch each (which also brings the files into the page cache)
 - folder: `torchvision.datasets.ImageFolder` with its default PIL loader, v2 transforms on PIL images,
   `DataLoader(shuffle=True)`;
 - shards: `quest.shards.build_wds_loaders(...).train` (tar streaming, `torchvision.io.decode_image`,
-  v2 transforms on uint8 tensors);
+  v2 transforms on uint8 tensors, uint8 batches from the workers scaled and normalised after the
+  loader: here on the CPU, in the main process, and timed; in training on the GPU);
 - shards+PIL (`--pil-shards`): the shard reader decoding with PIL instead, to separate the effect of
   the decoder from that of reading tar shards.
 
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.io import encode_jpeg
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         pil = PILTrainStream(
             ds.urls, ds.batches, ds.batch, 0, 0, pil_transforms(args.size), ds.mode
         )
-        pil_loader = wds.WebLoader(pil, batch_size=None, **_loader_kwargs(cfg, False))
+        pil_loader = shards.web_loader(pil, pil.batcher, _loader_kwargs(cfg, False))
         sides["shards+PIL"] = (pil_loader, next_epoch)
 
     n_images = len(folder_set)

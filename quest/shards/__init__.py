@@ -27,6 +27,7 @@ from .read import (
     Batcher,
     ExactStream,
     StreamBatches,
+    ToModelInput,
     TrainStream,
     build_wds_loaders,
     decode_sample,
@@ -34,6 +35,7 @@ from .read import (
     load_index,
     reader_plan,
     wds_feature_loader,
+    web_loader,
 )
 from .write import (
     IMAGE_FIELDS,
@@ -52,6 +54,7 @@ __all__ = [
     "Batcher",
     "ExactStream",
     "StreamBatches",
+    "ToModelInput",
     "TrainStream",
     "build_wds_loaders",
     "convert",
@@ -64,5 +67,6 @@ __all__ = [
     "reader_plan",
     "sanitize_key",
     "wds_feature_loader",
+    "web_loader",
     "write_shard",
 ]

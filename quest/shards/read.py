@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -117,14 +117,16 @@ class Batcher:
     """Applies a v2 pipeline to single images and stacks them into a batch.
 
     When the pipeline ends with ToDtype(float32, scale=True) + Normalize (every family in
-    `quest.data.transforms`), that tail runs in place inside the batch tensor instead: the uint8 image
-    is copied into its slot, scaled and normalised there, with the same operations as the v2 kernels
-    (tests check bit equality). This saves two float temporaries and a stacking copy per image, which
-    cost as much as the JPEG decode where memory allocation is slow. Inside a loader worker the batch
-    is allocated in shared memory, as `default_collate` does, so it is not copied again on its way to
-    the main process."""
+    `quest.data.transforms`), that tail is not run image by image: each uint8 image is scaled and
+    normalised straight into its slot of the batch (one multiply-add, `ToModelInput.into`), which
+    saves the float temporaries and the stacking copy. With `defer` (a CUDA training device), even
+    that is left out of the workers: they ship uint8 batches, a quarter of the bytes to copy between
+    processes and send to the GPU, and `ToModelInput` normalises them there after the loader (FFCV
+    and DALI do the same). Not on a CPU device: there the float batch would only be allocated and
+    written in the main process instead, which measured slower (tools/bench_data.py).
+    Inside a loader worker the batch is allocated in shared memory, as `default_collate` does."""
 
-    def __init__(self, transform: Callable):
+    def __init__(self, transform: Callable, defer: bool = False):
         steps = list(transform.transforms) if isinstance(transform, v2.Compose) else [transform]
         self.norm = None
         if (
@@ -134,49 +136,91 @@ class Batcher:
             and steps[-2].scale
             and isinstance(steps[-1], v2.Normalize)
         ):
-            self.norm = (list(steps[-1].mean), list(steps[-1].std))
+            self.norm = ToModelInput(list(steps[-1].mean), list(steps[-1].std))
             self.tail = v2.Compose(steps[-2:])
             steps = steps[:-2]
         self.head = v2.Compose(steps) if steps else _identity
         self.transform = transform
+        self.defer = defer and self.norm is not None
 
     def image(self, image: torch.Tensor) -> torch.Tensor:
-        """The per-image part (uint8 out when the tail is deferred to `batch`)."""
+        """The per-image part (uint8 out when the normalising tail is fused into `batch`)."""
         return self.head(image) if self.norm else self.transform(image)
 
     def batch(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B×C×H×W images, labels): float32, or uint8 when deferred to `to_model_input`."""
         labels = torch.tensor([y for _, y in items], dtype=torch.int64)
         images = [x for x, _ in items]
-        if self.norm is None or any(x.dtype != torch.uint8 for x in images):
-            if self.norm:  # not uint8 after all: the deferred tail as plain v2
-                images = [self.tail(x) for x in images]
-            return default_collate(images), labels
+        fused = self.norm is not None and all(x.dtype == torch.uint8 for x in images)
+        if self.norm and not fused:
+            images = [self.tail(x) for x in images]  # not uint8 after all: the tail as plain v2
         shape = images[0].shape
         if any(x.shape != shape for x in images):
             raise DataError(
                 f"images of different sizes in one batch ({shape} and others): these transforms "
                 "do not give a fixed size; set data.transforms and data.image_size"
             )
-        out = _empty((len(images), *shape))
-        mean, std = self.norm
+        if not fused or self.defer:
+            return torch.stack(images, out=_empty((len(images), *shape), images[0].dtype)), labels
+        out = _empty((len(images), *shape), torch.float32)
         for slot, x in zip(out, images):
-            slot.copy_(x)  # = x.to(float32)
-            slot.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True) on uint8
-            v2.functional.normalize(slot, mean, std, inplace=True)
+            self.norm.into(x, slot)
         return out, labels
+
+    def to_model_input(self, device=None) -> ToModelInput | None:
+        """The stage after the loader that finishes deferred batches (None when nothing is)."""
+        return ToModelInput(self.norm.mean, self.norm.std, device) if self.defer else None
+
+
+class ToModelInput:
+    """uint8 images → float32 scaled to [0, 1] and normalised, as x·(1/255σ) − μ/σ: one multiply and
+    one add (v2's ToDtype + Normalize, four passes, within 1e-6). Called on a deferred batch after
+    the loader (after pinning, so the copy to the GPU is the uint8 one); float batches pass through."""
+
+    def __init__(self, mean: list[float], std: list[float], device=None):
+        self.mean, self.std = list(mean), list(std)
+        self.device = torch.device(device or "cpu")
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1).to(self.device)
+        self.shift = (
+            torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1).to(self.device)
+        )
+
+    def into(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.mul(images, self.scale, out=out)
+        return out.add_(self.shift)
+
+    def __call__(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        if images.dtype != torch.uint8:
+            return images, labels
+        x = images.to(self.device, non_blocking=True)
+        return self.into(x, torch.empty(x.shape, dtype=torch.float32, device=self.device)), labels
 
 
 def _identity(x):
     return x
 
 
-def _empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor, in shared memory inside a loader worker (as torch's default_collate)."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor, in shared memory inside a loader worker (as torch's default_collate)."""
     if get_worker_info() is None:
-        return torch.empty(shape)
-    elem = torch.empty(0)
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
     storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
     return elem.new(storage).view(shape)
+
+
+def _on_gpu(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def web_loader(dataset, batcher: Batcher, kw: dict, device=None) -> wds.WebLoader:
+    """A WebLoader over a stream of ready batches, finishing deferred batches after the workers."""
+    loader = wds.WebLoader(dataset, batch_size=None, **kw)
+    finish = batcher.to_model_input(device)
+    return loader.map(finish) if finish else loader
 
 
 def _seed(*parts) -> int:
@@ -260,10 +304,11 @@ class TrainStream(IterableDataset):
         mode: ImageReadMode,
         buffer: int = SHUFFLE_BUFFER,
         initial: int = SHUFFLE_INITIAL,
+        defer: bool = False,
     ):
         self.urls, self.batches, self.batch = list(urls), batches, batch
         self.rank, self.seed, self.mode = rank, seed, mode
-        self.batcher = Batcher(transform)
+        self.batcher = Batcher(transform, defer)
         self.buffer, self.initial = buffer, initial
         self.handler = _Skip(batches.count_corrupt, "training shard")
 
@@ -351,9 +396,10 @@ class ExactStream(IterableDataset):
         keep: np.ndarray | None = None,
         strict: bool = True,
         counter=None,
+        defer: bool = False,
     ):
         self.urls, self.counts, self.rank, self.world = list(urls), list(counts), rank, world
-        self.batch, self.batcher, self.mode = batch, Batcher(transform), mode
+        self.batch, self.batcher, self.mode = batch, Batcher(transform, defer), mode
         self.keep, self.strict, self.counter = keep, strict, counter
 
     def _fail(self, message: str) -> None:
@@ -414,9 +460,12 @@ def _check_cfg(cfg: Data) -> None:
         )
 
 
-def build_wds_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool) -> Loaders:
+def build_wds_loaders(
+    cfg: Data, *, seed: int, rank: int, world: int, pin: bool, device=None
+) -> Loaders:
     """Training and validation loaders for this rank from `data.train_shards` / `data.val_shards`.
-    Sizes, classes and channels come from the shards' `sizes.json`."""
+    Sizes, classes and channels come from the shards' `sizes.json`. Batches arrive on `device`
+    (normalised there; CPU when None)."""
     _check_cfg(cfg)
     train_urls = expand_shards(cfg.train_shards, "data.train_shards")
     val_urls = expand_shards(cfg.val_shards, "data.val_shards")
@@ -431,13 +480,18 @@ def build_wds_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool)
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
     mode = _mode(index["channels"])
     batches = StreamBatches(sum(train_counts), batch, world, cfg.epoch_size)
-    train = TrainStream(train_urls, batches, batch, rank, seed, transforms(cfg, True), mode)
-    val = ExactStream(val_urls, val_counts, rank, world, eval_batch, transforms(cfg, False), mode)
+    defer = _on_gpu(device)
+    train = TrainStream(
+        train_urls, batches, batch, rank, seed, transforms(cfg, True), mode, defer=defer
+    )
+    val = ExactStream(
+        val_urls, val_counts, rank, world, eval_batch, transforms(cfg, False), mode, defer=defer
+    )
     kw = _loader_kwargs(cfg, pin)
     return Loaders(
-        train=wds.WebLoader(train, batch_size=None, **kw),
+        train=web_loader(train, train.batcher, kw, device),
         train_batches=batches,
-        eval=wds.WebLoader(val, batch_size=None, **kw),
+        eval=web_loader(val, val.batcher, kw, device),
         num_classes=cfg.num_classes or index["num_classes"],
         in_channels=index["channels"],
         image_size=image_size(cfg),
@@ -446,7 +500,9 @@ def build_wds_loaders(cfg: Data, *, seed: int, rank: int, world: int, pin: bool)
     )
 
 
-def wds_feature_loader(cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0):
+def wds_feature_loader(
+    cfg: Data, *, seed: int, rank: int, world: int, max_images: int = 0, device=None
+):
     """The training shards under the evaluation transforms, each image once over ranks and workers
     (codebook stage). max_images > 0 takes a seeded random subset first. Unreadable samples are
     skipped with a warning."""
@@ -470,5 +526,6 @@ def wds_feature_loader(cfg: Data, *, seed: int, rank: int, world: int, max_image
         _mode(index["channels"]),
         keep=keep,
         strict=False,
+        defer=_on_gpu(device),
     )
-    return wds.WebLoader(ds, batch_size=None, **_loader_kwargs(cfg, False))
+    return web_loader(ds, ds.batcher, _loader_kwargs(cfg, False), device)
