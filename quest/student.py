@@ -181,11 +181,20 @@ def map_shapes(
 
 class FrozenTeacher:
     """The teacher: eval mode, no gradients, never prepared by Accelerate.
-    Call under torch.no_grad(); returns (logits, [map per level, pooled as configured])."""
+    Call under torch.no_grad(); returns (logits, [map per level, pooled as configured]).
+    Given an `example` input, its BatchNorms are first folded into their convs (`fold_batchnorm`):
+    the same maps and logits (checked on the example) for one pass less per BN."""
 
-    def __init__(self, model: nn.Module, layers: list[str], pools: list[int]):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        pools: list[int],
+        example: torch.Tensor | None = None,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.layers, self.pools = layers, pools
+        self.folded = 0 if example is None else fold_batchnorm(self.model, example, keep=layers)
         self._maps = tap(model, sorted(set(layers)))
 
     def to(self, *args, **kwargs) -> FrozenTeacher:

@@ -131,7 +131,11 @@ def build_teacher(recipe: Recipe, loaders: Loaders, device=None) -> FrozenTeache
     else:  # a torchvision weights enum name such as IMAGENET1K_V1 (downloaded to the torch cache)
         model = build_model(cfg.arch, 1000, 3, weights=source)
     layers, pools = teacher_layers(recipe)
-    teacher = FrozenTeacher(model, layers, pools)
+    size = loaders.image_size
+    example = torch.randn(
+        2, loaders.in_channels, size, size, generator=torch.Generator().manual_seed(0)
+    )
+    teacher = FrozenTeacher(model, layers, pools, example)
     return teacher.to(device) if device is not None else teacher
 
 

@@ -7,7 +7,8 @@ builders) and a reference step written inline with plain PyTorch (teacher forwar
 assignment, student forward/backward, cosine head, KL + CE, SGD step) on the same synthetic batch, same
 precision and memory format, interleaved round by round so drift hits both alike. Configurations:
   original: fp32, contiguous memory, no compile (the paper code's settings)
-  quest:    the recipe's precision with channels_last (quest's default fast path)
+  quest:    the recipe's precision, channels_last, teacher BatchNorms folded into its convs (quest's
+            default fast path; the reference gets the same model preparation, its step stays its own)
 Also reports the share of quest's step spent in the QuEST part (soft assignment + head + loss) and the
 k-means rate of `fit_kmeans` next to a plain float32 matmul of the same shapes.
 The last line is `quest/reference = X.XX` for the quest configuration.
@@ -34,7 +35,7 @@ from quest.data import DEFAULT_SIZE, family
 from quest.kmeans import available_cpus, fit_kmeans
 from quest.losses import CosineHead, flatten_locations, quest_loss, soft_assign
 from quest.models import build_model
-from quest.student import FrozenTeacher, map_shapes
+from quest.student import FrozenTeacher, fold_batchnorm, map_shapes
 
 CLASSES = {"fashion_mnist": 10, "cifar100": 100, "imagenet": 1000, "mit67": 67}
 
@@ -49,13 +50,21 @@ def dataset_shape(r: recipes.Recipe, size: int) -> SimpleNamespace:
     )
 
 
-def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool):
+def example_input(info) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, info.in_channels, info.image_size, info.image_size, generator=g)
+
+
+def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool, fold: bool):
     """Teacher, random codebooks and student exactly as quest.train builds them."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     layers, pools = train.teacher_layers(r)
     teacher = FrozenTeacher(
-        build_model(r.teacher.arch, info.num_classes, info.in_channels), layers, pools
+        build_model(r.teacher.arch, info.num_classes, info.in_channels),
+        layers,
+        pools,
+        example_input(info) if fold else None,
     )
     teacher.model.to(accelerator.device, memory_format=memory)
     shapes = teacher.map_shapes(info.in_channels, info.image_size)
@@ -114,14 +123,15 @@ def reference_step(
     return loss
 
 
-def build_reference(r, info, device, channels_last: bool):
+def build_reference(r, info, device, channels_last: bool, fold: bool):
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     layers, pools = train.teacher_layers(r)
-    t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels).to(
-        device, memory_format=memory
-    )
+    t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels)
     t_net.eval().requires_grad_(False)
+    if fold:
+        fold_batchnorm(t_net, example_input(info), keep=layers)
+    t_net.to(device, memory_format=memory)
     s_net = build_model(r.student.arch, info.num_classes, info.in_channels).to(
         device, memory_format=memory
     )
@@ -161,7 +171,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_config(r, info, batch, precision, channels_last, compile, warmup, repeats):
+def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup, repeats):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -169,8 +179,8 @@ def bench_config(r, info, batch, precision, channels_last, compile, warmup, repe
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
-    teacher, books, student, optimizer = build(r, info, accelerator, channels_last, compile)
-    reference = build_reference(r, info, device, channels_last)
+    teacher, books, student, optimizer = build(r, info, accelerator, channels_last, compile, fold)
+    reference = build_reference(r, info, device, channels_last, fold)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, info.in_channels, info.image_size, info.image_size, generator=g).to(
@@ -283,16 +293,20 @@ def main(argv=None) -> None:
         f"recipe {args.recipe}: {r.teacher.arch} -> {r.student.arch}, {info.image_size} px, batch {batch}, "
         f"K {r.codebook.size}, device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}"
     )
-    configs = [("original", "no", False, False), ("quest", r.run.precision, True, False)]
+    # (name, precision, channels_last, compile, fold teacher BNs)
+    configs = [
+        ("original", "no", False, False, False),
+        ("quest", r.run.precision, True, False, True),
+    ]
     if args.compile:
-        configs.append(("quest+compile", r.run.precision, True, True))
+        configs.append(("quest+compile", r.run.precision, True, True, True))
     rates = {}
     print(
         f"{'config':<15}{'precision':<10}{'memory':<15}{'quest img/s':>12}{'reference img/s':>17}{'quest/ref':>10}"
     )
-    for name, precision, cl, comp in configs:
+    for name, precision, cl, comp, fold in configs:
         t_ours, t_ref, built = bench_config(
-            r, info, batch, precision, cl, comp, args.warmup, args.repeats
+            r, info, batch, precision, cl, comp, fold, args.warmup, args.repeats
         )
         rates[name] = (batch / t_ours, batch / t_ref, t_ours, built)
         mem = "channels_last" if cl else "contiguous"
