@@ -277,7 +277,8 @@ def test_pair_recipe_takes_a_repdistiller_teacher(tmp_path):
     r = R.load(
         ROOT / "recipes" / "cifar100" / "vgg13_mobilenetv2.toml", [f'teacher.checkpoint="{path}"']
     )
-    teacher = build_teacher(r, SimpleNamespace(num_classes=100, in_channels=3))
+    teacher = build_teacher(r, SimpleNamespace(num_classes=100, in_channels=3, image_size=32))
+    assert teacher.folded > 0  # BNs folded, and the pre-ReLU tap still sees the BN output
     assert teacher.layers == ["block4"] and teacher.pools == [2]
     with torch.no_grad():
         logits, (fmap,) = teacher(torch.randn(2, 3, 32, 32))
