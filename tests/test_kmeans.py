@@ -5,6 +5,8 @@ import importlib.util
 import itertools
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +100,21 @@ def test_fit_kmeans_recovers_eight_blobs_in_16d():
 
 
 @needs_faiss
+def test_fit_kmeans_leaves_the_thread_count_as_it_found_it():
+    """faiss and torch may share one OpenMP runtime: k-means takes every core, then gives them
+    back, or the training after an in-run codebook build oversubscribes the machine. A fresh
+    process with OMP_NUM_THREADS=1, as a launcher starts each rank."""
+    code = (
+        "import torch; from quest.kmeans import fit_kmeans; "
+        "fit_kmeans(torch.randn(2000, 16), 8, iterations=2, gpu=False); "
+        "print(torch.get_num_threads())"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1"]
+
+
 def test_fit_kmeans_deterministic_per_seed():
     _, x = blobs(8, 50, 16, sigma=2.0)
     a = fit_kmeans(x, 8, iterations=5, seed=3, gpu=False)

@@ -44,7 +44,7 @@ def run(module: str, recipe: str, overrides: list[str], threads: int) -> None:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
     }
     cmd = [sys.executable, "-m", module, recipe, *overrides]
-    print(f"$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']}", " ".join(cmd), flush=True)
+    print(f"$ OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(cmd)}", flush=True)  # one write
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
