@@ -286,6 +286,18 @@ def test_codebook_save_is_atomic(artifact):
     assert path.read_bytes() == before  # and the previous artifact is intact
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    from quest.artifacts import save_text
+
+    old = os.umask(0o022)
+    try:
+        path = save_text("x", tmp_path / "a.txt")
+        (tmp_path / "b.txt").write_text("x")
+        assert path.stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("layer", "layer4"), ("pool", 2), ("size", 16), ("teacher_arch", "wrn_40_2")],
