@@ -11,6 +11,7 @@ in the run directory makes every rank save a checkpoint and exit 0.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -383,6 +384,10 @@ def main(argv: list[str] | None = None) -> dict:
         check_finite(bad_step)
         checkpoint.save(accelerator, run_dir, state, run.keep_checkpoints)
 
+    # Collect the garbage of the stages before (a teacher trained in this process, the codebook's
+    # feature loader) before the training loader forks its workers: a loader iterator left for a
+    # forked worker's gc to collect tries to shut down workers that are not its children.
+    gc.collect()
     stopped = False
     while state.step < total_steps and not stopped:
         epoch = state.epoch
