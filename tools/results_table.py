@@ -1,6 +1,7 @@
 """Regenerate the Fashion-MNIST results table: student alone vs KD vs QuEST vs QuEST + KD, over seeds.
 
-    python tools/results_table.py [--seeds 3] [--epochs N] [--out runs/results] [section.key=value ...]
+    python tools/results_table.py [--seeds 3] [--epochs N] [--jobs N] [--out runs/results]
+                                  [--recipes recipes/fashion_mnist] [section.key=value ...]
 
 Trains the teacher once (recipes/fashion_mnist/teacher.toml, reused when its student.pt exists) and
 builds the QuEST codebook once (reused when present), then runs every method recipe of
@@ -105,7 +106,10 @@ def main(argv=None) -> None:
     cores = os.cpu_count() or 1
     common = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
     methods = [(label, str(Path(args.recipes) / name)) for label, name in METHODS]
-    stage_s = prepare_teacher_and_codebook(methods[2][1], common, threads=cores)
+    try:
+        stage_s = prepare_teacher_and_codebook(methods[2][1], common, threads=cores)
+    except RuntimeError as e:
+        sys.exit(str(e))
     t_students = time.time()
 
     def student(job: tuple[str, int]) -> dict:
