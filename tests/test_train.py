@@ -142,7 +142,9 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, traine
     recipe = tiny(tmp_path, "killed", **common)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "quest.train", str(recipe)],
+        # gc after every allocation, inherited by forked workers: garbage left before a fork is
+        # collected in the worker at once instead of whenever its allocation counts say so
+        [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -159,7 +161,9 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, traine
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "student.pt").exists()
     done = subprocess.run(
-        [sys.executable, "-m", "quest.train", str(recipe)],
+        # gc after every allocation, inherited by forked workers: garbage left before a fork is
+        # collected in the worker at once instead of whenever its allocation counts say so
+        [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -304,12 +308,16 @@ def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
     assert summary["teacher_top1"] > 50
 
 
+GC_EAGER_TRAIN = (
+    "import gc, sys; gc.set_threshold(1); from quest import train; train.main(sys.argv[1:])"
+)
+
+
 def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
     """The quickstart's path (teacher trained in-process, codebook, student, workers everywhere)
     prints no stray errors: loader iterators left as garbage before the training loader forked its
-    workers used to be collected in a worker ('can only test a child process'). Whether a worker's
-    gc gets to them depends on allocation counts, so this small run guards the path, while the
-    quickstart itself showed the failure."""
+    workers used to be collected in a worker ('can only test a child process'). An eager gc makes
+    that deterministic (this test fails without the trainer's gc.collect())."""
     teacher_recipe = tiny(tmp_path, "t", optim__epochs=1, data__num_workers=1)
     recipe = tiny(
         tmp_path,
@@ -322,7 +330,9 @@ def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
         data__num_workers=1,
     )
     out = subprocess.run(
-        [sys.executable, "-m", "quest.train", str(recipe)],
+        # gc after every allocation, inherited by forked workers: garbage left before a fork is
+        # collected in the worker at once instead of whenever its allocation counts say so
+        [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         capture_output=True,
         text=True,
         timeout=300,
