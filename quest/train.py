@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
         trained = Path(recipes.load(pre.teacher.recipe).run.dir) / "student.pt"
         if not trained.exists():
             main([pre.teacher.recipe])
+            # Its loader iterators are cyclic garbage now: collect them before this run's loaders
+            # fork workers, or a worker's gc collects them and tries to stop workers not its own.
+            gc.collect()
         argv = [*argv, f"teacher.checkpoint={json.dumps(str(trained))}"]
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
     run, dcfg = recipe.run, recipe.distill
@@ -384,10 +387,6 @@ def main(argv: list[str] | None = None) -> dict:
         check_finite(bad_step)
         checkpoint.save(accelerator, run_dir, state, run.keep_checkpoints)
 
-    # Collect the garbage of the stages before (a teacher trained in this process, the codebook's
-    # feature loader) before the training loader forks its workers: a loader iterator left for a
-    # forked worker's gc to collect tries to shut down workers that are not its children.
-    gc.collect()
     stopped = False
     while state.step < total_steps and not stopped:
         epoch = state.epoch
