@@ -85,6 +85,12 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+def probe_input(in_channels: int, size: int) -> torch.Tensor:
+    """The fixed random batch `fold_batchnorm` traces and checks a model with."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, in_channels, size, size, generator=g)
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: list[str] = ()) -> int:
     """Fold every eval-mode BatchNorm2d into the Conv2d that feeds it, in place, for a frozen model.
 

@@ -44,7 +44,15 @@ from .losses import (
 from .metrics import MetricLogger, plot_curves
 from .models import build_model, feature_layer
 from .recipe import Optim, Recipe
-from .student import FrozenTeacher, ModelError, Student, load_state, load_strict, map_shapes
+from .student import (
+    FrozenTeacher,
+    ModelError,
+    Student,
+    load_state,
+    load_strict,
+    map_shapes,
+    probe_input,
+)
 
 STOP_FILE = "STOP"
 
@@ -132,10 +140,7 @@ def build_teacher(recipe: Recipe, loaders: Loaders, device=None) -> FrozenTeache
     else:  # a torchvision weights enum name such as IMAGENET1K_V1 (downloaded to the torch cache)
         model = build_model(cfg.arch, 1000, 3, weights=source)
     layers, pools = teacher_layers(recipe)
-    size = loaders.image_size
-    example = torch.randn(
-        2, loaders.in_channels, size, size, generator=torch.Generator().manual_seed(0)
-    )
+    example = probe_input(loaders.in_channels, loaders.image_size)
     teacher = FrozenTeacher(model, layers, pools, example)
     return teacher.to(device) if device is not None else teacher
 

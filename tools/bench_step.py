@@ -35,7 +35,7 @@ from quest.data import DEFAULT_SIZE, family
 from quest.kmeans import available_cpus, fit_kmeans
 from quest.losses import CosineHead, flatten_locations, quest_loss, soft_assign
 from quest.models import build_model
-from quest.student import FrozenTeacher, fold_batchnorm, map_shapes
+from quest.student import FrozenTeacher, fold_batchnorm, map_shapes, probe_input
 
 CLASSES = {"fashion_mnist": 10, "cifar100": 100, "imagenet": 1000, "mit67": 67}
 
@@ -50,11 +50,6 @@ def dataset_shape(r: recipes.Recipe, size: int) -> SimpleNamespace:
     )
 
 
-def example_input(info) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(2, info.in_channels, info.image_size, info.image_size, generator=g)
-
-
 def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool, fold: bool):
     """Teacher, random codebooks and student exactly as quest.train builds them."""
     torch.manual_seed(0)
@@ -64,7 +59,7 @@ def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bo
         build_model(r.teacher.arch, info.num_classes, info.in_channels),
         layers,
         pools,
-        example_input(info) if fold else None,
+        probe_input(info.in_channels, info.image_size) if fold else None,
     )
     teacher.model.to(accelerator.device, memory_format=memory)
     shapes = teacher.map_shapes(info.in_channels, info.image_size)
@@ -130,7 +125,7 @@ def build_reference(r, info, device, channels_last: bool, fold: bool):
     t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels)
     t_net.eval().requires_grad_(False)
     if fold:
-        fold_batchnorm(t_net, example_input(info), keep=layers)
+        fold_batchnorm(t_net, probe_input(info.in_channels, info.image_size), keep=layers)
     t_net.to(device, memory_format=memory)
     s_net = build_model(r.student.arch, info.num_classes, info.in_channels).to(
         device, memory_format=memory
