@@ -101,6 +101,8 @@ def main(argv=None) -> None:
         help="student runs side by side, each with cores/jobs threads (default: one per core)",
     )
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1")
     t0 = time.time()
     out = Path(args.out)
     cores = os.cpu_count() or 1
@@ -122,7 +124,7 @@ def main(argv=None) -> None:
         return train(recipe, overrides, threads=max(1, cores // args.jobs))
 
     jobs = [(recipe, seed) for _, recipe in methods for seed in range(args.seeds)]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         try:
             done = list(pool.map(student, jobs))
         except RuntimeError as e:
