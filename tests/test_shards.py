@@ -423,6 +423,24 @@ def test_corrupt_val_member_is_an_error(tmp_path):
     assert len(list(loaders.train)) == 2
 
 
+def test_truncated_shard(tmp_path):
+    """A shard cut short (say, a copy killed half-way): training warns, counts and reads on; validation
+    is an error naming the shard and the last good key."""
+    out = _shard_dir(tmp_path, "none")
+    for split in ("train", "val"):
+        path = out / f"{split}-000000.tar"
+        with tarfile.open(path) as tar:
+            cut = tar.getmembers()[4].offset_data + 5  # inside k2.png: k1 is lost with k2
+        path.write_bytes(path.read_bytes()[:cut])
+    loaders = build_wds_loaders(_bad_cfg(out, 0), seed=0, rank=0, world=1, pin=False)
+    with pytest.warns(UserWarning, match=r"rest of training shard .*train-000000\.tar: tar trunc"):
+        batches = list(loaders.train)
+    assert [len(y) for _, y in batches] == [4, 4]  # k0 over and over: the shard is resampled
+    assert loaders.train_batches.corrupt >= 4
+    with pytest.raises(DataError, match=r"val-000000\.tar: unreadable after key k0: tar trunc"):
+        list(loaders.eval)
+
+
 def test_missing_shard_is_a_clear_error(tmp_path):
     out = _shard_dir(tmp_path, "none")
     cfg = _bad_cfg(out, 0)

@@ -29,6 +29,7 @@ from ..data import (
     transforms,
 )
 from ..recipe import Data
+from .tar import tar_samples
 from .write import IMAGE_FIELDS, INDEX, SHUFFLE_BUFFER, SHUFFLE_INITIAL, _mode, _short
 
 # --------------------------------------------------------------------------------------- reading
@@ -271,18 +272,6 @@ class StreamBatches:
         return self.batches_per_epoch - self.start
 
 
-class _Skip:
-    """wds handler: warn, count, continue (picklable for spawned workers)."""
-
-    def __init__(self, counter: Callable[[], None], what: str):
-        self.counter, self.what = counter, what
-
-    def __call__(self, exn: BaseException) -> bool:
-        warnings.warn(f"skipping unreadable {self.what}: {exn}", stacklevel=2)
-        self.counter()
-        return True
-
-
 class TrainStream(IterableDataset):
     """Resampled training batches for one rank (the `WebDataset(resampled=True)` pipeline of
     ENGINEERING §3 with an epoch-seeded shard sampler: webdataset 1.0.2 seeds its own from the clock).
@@ -310,7 +299,6 @@ class TrainStream(IterableDataset):
         self.rank, self.seed, self.mode = rank, seed, mode
         self.batcher = Batcher(transform, defer)
         self.buffer, self.initial = buffer, initial
-        self.handler = _Skip(batches.count_corrupt, "training shard")
 
     def load(self, sample: dict) -> tuple[torch.Tensor, int]:
         """Decode and augment one raw sample (ValueError when it cannot be decoded)."""
@@ -322,9 +310,15 @@ class TrainStream(IterableDataset):
         while True:
             url = rng.choice(self.urls)
             n = 0
-            for sample in wds.tarfile_samples([{"url": url}], handler=self.handler):
-                n += 1
-                yield sample
+            try:
+                for sample in tar_samples(url):
+                    n += 1
+                    yield sample
+            except Exception as err:  # the rest of a damaged shard is lost; the stream goes on
+                warnings.warn(
+                    f"skipping the rest of training shard {url}: {_short(err)}", stacklevel=1
+                )
+                self.batches.count_corrupt()
             empty = 0 if n else empty + 1
             if empty >= 50:
                 raise DataError(f"50 training shards in a row gave no readable sample (last {url})")
@@ -411,7 +405,7 @@ class ExactStream(IterableDataset):
 
     def _read(self, url: str, first: int, stop: int, picks) -> Iterator[tuple[torch.Tensor, int]]:
         what = "validation shard" if self.strict else "shard"
-        samples = wds.tarfile_samples([{"url": url}])
+        samples = tar_samples(url)
         key = "(start of shard)"
         for i in range(stop):
             try:
