@@ -29,6 +29,7 @@ from quest.shards import (
     reader_plan,
     wds_feature_loader,
 )
+from quest.shards.write import SHUFFLE_INITIAL
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not installed here)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -357,6 +358,36 @@ def test_training_stream_is_epoch_seeded(unique_labels):
     other = build_wds_loaders(cfg, seed=0, rank=1, world=2, pin=False)
     other.train_batches.set_epoch(0)
     assert not torch.equal(next(iter(other.train))[0], epoch[0][:2])
+
+
+def test_consecutive_epochs_continue_the_stream(unique_labels, monkeypatch):
+    """Epoch e + 1 goes on with epoch e's stream instead of refilling the shuffle buffer (which would
+    read hundreds of samples for a 24-sample epoch); a resumed epoch starts afresh; reproducible."""
+    reads = Counter()
+    tar_samples = shards.read.tar_samples
+
+    def counting(url):
+        for sample in tar_samples(url):
+            reads["n"] += 1
+            yield sample
+
+    monkeypatch.setattr(shards.read, "tar_samples", counting)
+    cfg = _cfg(unique_labels / "many", batch_size=4, num_workers=0)
+    runs = []
+    for _ in range(2):
+        loaders = build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
+        epochs, per_epoch = [], []
+        for epoch, start in ((0, 0), (1, 0), (2, 3)):  # (2, 3): resumed after batch 3
+            reads.clear()
+            loaders.train_batches.set_epoch(epoch, start)
+            epochs.append(torch.cat([x for x, _ in loaders.train]))
+            per_epoch.append(reads["n"])
+        assert [len(x) for x in epochs] == [24, 24, 12]
+        assert per_epoch[0] >= SHUFFLE_INITIAL and per_epoch[2] >= SHUFFLE_INITIAL
+        assert per_epoch[1] <= 2 * 24 + 1  # the buffer grows by one per sample taken
+        runs.append(epochs)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not torch.equal(runs[0][0], runs[0][1])
 
 
 # --------------------------------------------------------------------------------------- failures

@@ -280,7 +280,13 @@ class TrainStream(IterableDataset):
     worker), so ranks need no node splitting. The worker yields its share of the rank's
     `batches_per_epoch - start` batches (a `with_epoch` that follows `set_epoch`). Resuming mid-epoch
     therefore starts a fresh epoch-seeded stream for the remaining batches: a resampled stream has no
-    position to restore, and replaying it batch by batch would only cost time."""
+    position to restore, and replaying it batch by batch would only cost time.
+
+    A (persistent) worker that finished epoch e-1 goes on with the same stream in epoch e instead of
+    starting a fresh one: a fresh stream refills the shuffle buffer, reading up to `buffer` samples
+    that the previous epoch's buffer already held, which doubles the reading when a worker's share of
+    an epoch is as small as the buffer (CIFAR-size data on many GPUs and workers). An uninterrupted
+    run stays reproducible; a resumed run continues with fresh epoch-seeded streams."""
 
     def __init__(
         self,
@@ -299,6 +305,7 @@ class TrainStream(IterableDataset):
         self.rank, self.seed, self.mode = rank, seed, mode
         self.batcher = Batcher(transform, defer)
         self.buffer, self.initial = buffer, initial
+        self._carry: tuple[int, Iterator[dict]] | None = None  # (epoch finished, its stream)
 
     def load(self, sample: dict) -> tuple[torch.Tensor, int]:
         """Decode and augment one raw sample (ValueError when it cannot be decoded)."""
@@ -330,9 +337,13 @@ class TrainStream(IterableDataset):
         if mine == 0:
             return
         key = (self.seed, epoch, self.rank, worker)
-        stream = self._samples(random.Random(_seed(*key, "shards")))
-        shuffle = wds.shuffle(self.buffer, self.initial, rng=random.Random(_seed(*key, "buf")))
-        stream = shuffle(stream)
+        carry, self._carry = self._carry, None
+        if carry is not None and carry[0] == epoch - 1 and self.batches.start == 0:
+            stream = carry[1]
+        else:
+            stream = self._samples(random.Random(_seed(*key, "shards")))
+            shuffle = wds.shuffle(self.buffer, self.initial, rng=random.Random(_seed(*key, "buf")))
+            stream = shuffle(stream)
         for b in range(mine):
             items = []
             # augmentation seeded per batch; the caller's RNG state is restored afterwards
@@ -347,6 +358,7 @@ class TrainStream(IterableDataset):
                         warnings.warn(f"skipping training sample {where}: {err}", stacklevel=1)
                         self.batches.count_corrupt()
             yield self.batcher.batch(items)
+        self._carry = (epoch, stream)  # a completed epoch only: then the stream's position is exact
 
 
 def reader_plan(counts: list[int], reader: int, readers: int, keep: np.ndarray | None = None):
