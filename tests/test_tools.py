@@ -1,4 +1,4 @@
-"""The inspection tool and the step benchmark stay runnable (tiny sizes, no timing assertions)."""
+"""The inspection tool and the benchmarks stay runnable (tiny sizes, no timing assertions)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,24 @@ def test_bench_step_runs_and_prints_the_ratio(tmp_path):
     assert any("% of the quest step" in line for line in lines) and any(
         "fit_kmeans" in line for line in lines
     )
+
+
+def test_bench_data_times_every_side_on_the_same_images(tmp_path):
+    args = "--images 48 --classes 3 --width 64 --height 48 --size 32 --batch 8 --workers 1"
+    args += f" --repeats 1 --pil-shards --shard-size 20 --work {tmp_path}"
+    out = subprocess.run(
+        [sys.executable, "tools/bench_data.py", *args.split()],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("48 JPEGs") and ", 3 shards," in lines[0]
+    sides = [line.split(":")[0].strip() for line in lines if "images/s" in line]
+    assert sides == ["folder", "shards", "shards+PIL"]
+    assert lines[-1].startswith("shards/folder = ") and float(lines[-1].split("=")[1]) > 0
 
 
 def test_results_table_runs_every_method_over_seeds_side_by_side(tmp_path, trained_teacher):

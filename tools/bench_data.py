@@ -6,9 +6,10 @@ run after a warm-up epoch each (which also brings the files into the page cache)
 
 - folder: `torchvision.datasets.ImageFolder` with its default PIL loader, v2 transforms on PIL images,
   `DataLoader(shuffle=True)`;
-- shards: `quest.shards.build_wds_loaders(...).train` (tar streaming, `torchvision.io.decode_image`,
-  v2 transforms on uint8 tensors, uint8 batches from the workers scaled and normalised after the
-  loader: here on the CPU, in the main process, and timed; in training on the GPU);
+- shards: `quest.shards.build_wds_loaders(...).train` as CPU training uses it (tar streaming,
+  `torchvision.io.decode_image`, v2 transforms on uint8 tensors, each image scaled and normalised into
+  its slot of the float batch in the worker; with a CUDA device the workers would ship uint8 batches
+  and the GPU would normalise them, which this CPU benchmark does not time);
 - shards+PIL (`--pil-shards`): the shard reader decoding with PIL instead, to separate the effect of
   the decoder from that of reading tar shards.
 
