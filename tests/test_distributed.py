@@ -1,5 +1,5 @@
-"""Two processes on CPU (gloo): the pipeline under `accelerate launch`, exact evaluation across ranks,
-and the distributed Lloyd refinement of the codebook."""
+"""Two processes on CPU (gloo): the pipeline under `accelerate launch` (from arrays and from shards),
+exact evaluation across ranks, and the distributed Lloyd refinement of the codebook."""
 
 from __future__ import annotations
 
@@ -73,6 +73,50 @@ def test_two_processes_train_quest_and_evaluate_every_sample_once(tmp_path, trai
     assert result_two["count"] == result_one["count"] == 64
     assert result_two["top1"] == pytest.approx(result_one["top1"])
     assert result_two["loss"] == pytest.approx(result_one["loss"], rel=1e-5)
+
+
+def test_two_processes_two_workers_each_stream_shards(tmp_path, trained_teacher):
+    """QuEST from WebDataset shards under `accelerate launch`, 2 ranks × 2 loader workers: the
+    codebook pass sees every training image once, both ranks take the same number of steps (unequal
+    counts would hang DDP), and evaluation counts every validation image once."""
+    from torchvision.io import encode_png
+
+    from quest import data, shards
+
+    for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):  # the synthetic task
+        images = data.synthetic(size, 4, 3, 16, seed=seed)
+        for i, (img, label) in enumerate(zip(images.images, images.labels)):
+            folder = tmp_path / "folder" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"img{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    index = shards.convert(
+        tmp_path / "folder", tmp_path / "wds", shard_size=48, val_shard_size=24, progress=False
+    )
+    pattern = {s: str(tmp_path / "wds" / index["splits"][s]["pattern"]) for s in ("train", "val")}
+    recipe = tiny(
+        tmp_path,
+        "wds",
+        method="quest",
+        teacher=trained_teacher,
+        optim__epochs=2,
+        run__cpu=True,
+        data__dataset="wds",
+        data__train_shards=pattern["train"],
+        data__val_shards=pattern["val"],
+        data__num_workers=2,
+        data__transforms="cifar",
+    )
+    out = launch("quest.train", str(recipe))
+    summary_file = tmp_path / "wds" / "summary.json"
+    assert summary_file.exists(), out.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    assert summary["world_size"] == 2
+    assert summary["eval_count"] == 64
+    assert summary["steps"] == 2 * (256 // 32)
+    assert summary["top1"] > 50
+    book = load_codebook(tmp_path / "codebook.pt")
+    assert book.meta["world_size"] == 2
+    assert book.meta["vectors_seen"] == 256 * 4 * 4  # resnet8 layer3 at 16 px: 4 × 4 per image
 
 
 def _lloyd_rank(
