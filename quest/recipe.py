@@ -76,6 +76,9 @@ class Data:
         "", "WebDataset train shards (brace pattern or list file), dataset='wds'"
     )
     val_shards: str = _f("", "WebDataset validation shards, dataset='wds'")
+    shard_index: str = _f(
+        "", "the shards' sizes.json, path or URL; '' = next to the shards (set it for pipe: URLs)"
+    )
     transforms: str = _f(
         "",
         "transform family for folder/wds data; '' = the dataset's own",

@@ -3,12 +3,16 @@ training batch counts, corrupt members, missing shards and resumable conversion 
 
 from __future__ import annotations
 
+import functools
 import gzip
+import http.server
 import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -330,6 +334,55 @@ def test_two_ranks_two_workers(unique_labels, layout):
         per_rank.append(counts)
     assert seen == Counter(range(12))  # every validation sample exactly once over 2 × 2 readers
     assert per_rank == [[6, 2, 0], [6, 2, 0]]
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("/data/in-wds/train-000001.tar", "train-000001.tar"),
+        ("https://host/b/val-000003.tar", "val-000003.tar"),
+        ("pipe:aws s3 cp s3://bucket/in/train-000001.tar -", "train-000001.tar"),
+        ("pipe:curl -s -L 'https://host/x/train-000002.tar.gz'", "train-000002.tar.gz"),
+        ("pipe:gsutil cat gs://b/dir.v2/val-000000.tgz", "val-000000.tgz"),
+        ("pipe:./fetch shard 7", None),
+    ],
+)
+def test_shard_names_in_urls_and_pipes(url, name):
+    if name is None:
+        with pytest.raises(DataError, match="no shard file name"):
+            shards.read._shard_name(url)
+    else:
+        assert shards.read._shard_name(url) == name
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) through curl")
+def test_shards_over_http_and_pipes(unique_labels):
+    """Remote shards as webdataset opens them: http(s) (through curl; here a local server) and
+    `pipe:` commands, whose size index is named by data.shard_index."""
+    root = unique_labels / "many"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = Data(
+            dataset="wds",
+            train_shards=f"pipe:cat {root}/train-{{000000..000004}}.tar",
+            val_shards=f"{base}/val-{{000000..000005}}.tar",
+            image_size=8,
+            batch_size=4,
+            num_workers=1,
+        )
+        with pytest.raises(DataError, match=r"sizes\.json for pipe:cat .* data\.shard_index"):
+            build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
+        cfg.shard_index = f"{base}/sizes.json"
+        loaders = build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
+        assert (loaders.train_size, loaders.eval_size) == (24, 12)
+        assert sorted(int(v) for _, y in loaders.eval for v in y) == list(range(12))
+        assert len(list(loaders.train)) == loaders.train_batches.batches_per_epoch == 6
+    finally:
+        server.shutdown()
 
 
 def test_feature_loader_covers_subset_once(unique_labels):

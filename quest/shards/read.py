@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing as mp
 import random
+import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -66,27 +67,40 @@ def expand_shards(spec: str, what: str = "shards") -> list[str]:
     return urls
 
 
-def load_index(urls: list[str]) -> tuple[dict, list[int]]:
-    """The size index next to the shards, and each shard's sample count."""
+def _shard_name(url: str) -> str:
+    """The file name the size index lists a shard under: the last path component, or for a `pipe:`
+    command the last word ending in .tar / .tgz / .tar.gz (`pipe:aws s3 cp s3://b/x-000001.tar -`)."""
+    if not url.startswith("pipe:"):
+        return url.rpartition("/")[2]
+    names = re.findall(r"([^/\s'\"]+\.(?:tar|tgz|tar\.gz))(?=[\s'\"]|$)", url)
+    if not names:
+        raise DataError(f"no shard file name (*.tar) in {url!r}")
+    return names[-1]
+
+
+def load_index(urls: list[str], location: str = "") -> tuple[dict, list[int]]:
+    """The size index (`location`, or the one next to the shards), and each shard's sample count."""
     cache: dict[str, dict] = {}
     counts = []
     for url in urls:
-        folder, _, name = url.rpartition("/")
-        location = f"{folder or '.'}/{INDEX}"
-        if location not in cache:
-            if url.startswith("pipe:"):
-                raise DataError(f"cannot locate {INDEX} for {url}: use file paths or http(s) URLs")
+        name = _shard_name(url)
+        if not location and url.startswith("pipe:"):
+            raise DataError(
+                f"cannot locate {INDEX} for {url}: set data.shard_index to its path or URL"
+            )
+        where = location or f"{url.rpartition('/')[0] or '.'}/{INDEX}"
+        if where not in cache:
             try:
-                with wds.gopen(location, "rb") as f:
-                    cache[location] = json.load(f)
+                with wds.gopen(where, "rb") as f:
+                    cache[where] = json.load(f)
             except (OSError, ValueError) as err:
                 raise DataError(
-                    f"no readable size index {location} ({err}): it is written last by "
+                    f"no readable size index {where} ({err}): it is written last by "
                     "`python -m quest.shards`, so the conversion may be unfinished"
                 ) from None
-        shards = {n: c for s in cache[location]["splits"].values() for n, c in s["shards"].items()}
+        shards = {n: c for s in cache[where]["splits"].values() for n, c in s["shards"].items()}
         if name not in shards:
-            raise DataError(f"shard {url} is not listed in {location}")
+            raise DataError(f"shard {url} is not listed in {where}")
         counts.append(int(shards[name]))
     first = next(iter(cache.values()))
     for other in cache.values():
@@ -475,8 +489,8 @@ def build_wds_loaders(
     _check_cfg(cfg)
     train_urls = expand_shards(cfg.train_shards, "data.train_shards")
     val_urls = expand_shards(cfg.val_shards, "data.val_shards")
-    index, train_counts = load_index(train_urls)
-    val_index, val_counts = load_index(val_urls)
+    index, train_counts = load_index(train_urls, cfg.shard_index)
+    val_index, val_counts = load_index(val_urls, cfg.shard_index)
     if val_index["classes"] != index["classes"]:
         raise DataError(
             "data.train_shards and data.val_shards come from conversions with other classes"
@@ -514,7 +528,7 @@ def wds_feature_loader(
     skipped with a warning."""
     _check_cfg(cfg)
     urls = expand_shards(cfg.train_shards, "data.train_shards")
-    index, counts = load_index(urls)
+    index, counts = load_index(urls, cfg.shard_index)
     cfg = _family_cfg(cfg, index)
     n = sum(counts)
     keep = None
