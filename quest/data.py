@@ -294,6 +294,7 @@ class TrainBatches:
                 "lower data.batch_size"
             )
         self.epoch, self.start = 0, 0
+        self.corrupt = 0  # an unreadable file fails the map-style loader; streams skip and count
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch

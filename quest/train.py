@@ -504,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
                         **last_eval,
                         "best_top1": state.best_top1,
                         "eval_s": time.time() - t_eval,
+                        "skipped_train_samples": skipped(loaders, accelerator),
                     },
                     kind="eval",
                 )
@@ -538,6 +539,13 @@ def _logits_only(student):
         return student(x)[0]
 
     return forward
+
+
+def skipped(loaders, accelerator) -> int:
+    """Unreadable training samples skipped by this run's processes so far, summed over ranks
+    (collective: call it on every rank)."""
+    count = torch.tensor(float(loaders.train_batches.corrupt), device=accelerator.device)
+    return int(accelerator.reduce(count, "sum"))
 
 
 def check_finite(bad_step: torch.Tensor) -> None:
@@ -577,6 +585,7 @@ def finish(
         "epochs": state.epoch,
         "world_size": accelerator.num_processes,
         "eval_count": last_eval.get("count"),
+        "skipped_train_samples": skipped(loaders, accelerator),
         "wall_s": round(time.time() - t_start, 1),
         **{f"final_{k}": v for k, v in diag.items()},
     }
@@ -611,6 +620,8 @@ def summary_table(summary: dict, recipe: Recipe) -> str:
         rows.append(("student-teacher word agreement", f"{100 * summary['final_agreement']:.1f} %"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  top-1 (%)"] + [f"{a:{width}}  {b}" for a, b in rows]
+    if summary["skipped_train_samples"]:
+        lines.append(f"{summary['skipped_train_samples']} unreadable training samples skipped")
     return (
         "\n".join(lines) + f"\n{summary['steps']} steps, {summary['wall_s']} s -> {recipe.run.dir}"
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -350,8 +352,8 @@ def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_te
     assert not (tmp_path / "codebook.pt").exists()
 
 
-def test_training_from_shards_matches_training_from_the_folder(tmp_path):
-    from conftest import write_recipe
+def _synthetic_shards(tmp_path: Path) -> dict:
+    """The synthetic task (256 train / 64 val, 16 px) as PNG class folders and as shards."""
     from torchvision.io import encode_png
 
     from quest import data, shards
@@ -371,6 +373,16 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
         progress=False,
     )
     assert index["splits"]["train"]["total"] == 256 and index["splits"]["val"]["total"] == 64
+    return {
+        "train_shards": str(tmp_path / "wds" / index["splits"]["train"]["pattern"]),
+        "val_shards": str(tmp_path / "wds" / index["splits"]["val"]["pattern"]),
+    }
+
+
+def test_training_from_shards_matches_training_from_the_folder(tmp_path):
+    from conftest import write_recipe
+
+    patterns = _synthetic_shards(tmp_path)
     results = {}
     for kind in ("folder", "wds"):
         d = {
@@ -383,8 +395,7 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
         if kind == "folder":
             d["root"] = str(tmp_path / "folder")
         else:
-            d["train_shards"] = str(tmp_path / "wds" / index["splits"]["train"]["pattern"])
-            d["val_shards"] = str(tmp_path / "wds" / index["splits"]["val"]["pattern"])
+            d.update(patterns)
         recipe = write_recipe(
             tmp_path / f"{kind}.toml",
             {
@@ -402,3 +413,32 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
     assert results["wds"]["steps"] == results["folder"]["steps"] == 4 * 8
     assert results["folder"]["top1"] > 60 and results["wds"]["top1"] > 60
     assert abs(results["folder"]["top1"] - results["wds"]["top1"]) < 15
+
+
+def test_unreadable_training_samples_are_counted_in_the_run(tmp_path):
+    patterns = _synthetic_shards(tmp_path)
+    shard = tmp_path / "wds" / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # the same shard with two images that do not decode
+        for i, (member, blob) in enumerate(members):
+            blob = b"\x89PNG\r\n\x1a\n cut" if i in (0, 10) else blob
+            member.size = len(blob)
+            tar.addfile(member, io.BytesIO(blob))
+    recipe = tiny(
+        tmp_path,
+        "bad",
+        data__dataset="wds",
+        optim__epochs=1,
+        **{f"data__{k}": v for k, v in patterns.items()},
+    )
+    with pytest.warns(UserWarning, match=r"skipping training sample .*train-000000\.tar key"):
+        summary = train.main([str(recipe)])
+    assert summary["steps"] == 256 // 32 and summary["eval_count"] == 64
+    assert summary["skipped_train_samples"] > 0
+    evals = [
+        r
+        for r in map(json.loads, (tmp_path / "bad" / "metrics.jsonl").open())
+        if r["kind"] == "eval"
+    ]
+    assert evals[-1]["skipped_train_samples"] == summary["skipped_train_samples"]
