@@ -75,6 +75,7 @@ def test_truncated_or_damaged_tar_is_an_error(tmp_path):
         "in the member": data[: third.offset_data + 5],
         "in a header": data[: third.offset + 100],
         "checksum": data[: third.offset + 10] + b"X" + data[third.offset + 11 :],
+        "not a tar header": data[: third.offset] + b"\xff" * 1024,
     }
     for message, damaged in cases.items():
         path = tmp_path / "bad.tar"

@@ -31,7 +31,10 @@ def _number(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _number(header[148:156])
+    try:
+        stored = _number(header[148:156])
+    except ValueError:  # not even octal: random bytes where a header should be
+        return False
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
     if stored == unsigned:
         return True
