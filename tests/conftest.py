@@ -90,6 +90,34 @@ def tiny(
     return write_recipe(tmp_path / f"{name}.toml", sections)
 
 
+def synthetic_shards(tmp_path: Path, shard_size: int = 64, val_shard_size: int = 32) -> dict:
+    """The synthetic task (256 train / 64 val, 16 px) as PNG class folders under tmp_path/folder
+    and shards under tmp_path/wds; returns the data.train_shards / data.val_shards patterns."""
+    from torchvision.io import encode_png
+
+    from quest import data, shards
+
+    for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):
+        images = data.synthetic(size, 4, 3, 16, seed=seed)
+        for i, (img, label) in enumerate(zip(images.images, images.labels)):
+            folder = tmp_path / "folder" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"img{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    index = shards.convert(
+        tmp_path / "folder",
+        tmp_path / "wds",
+        shard_size=shard_size,
+        val_shard_size=val_shard_size,
+        workers=1,
+        progress=False,
+    )
+    assert index["splits"]["train"]["total"] == 256 and index["splits"]["val"]["total"] == 64
+    return {
+        "train_shards": str(tmp_path / "wds" / index["splits"]["train"]["pattern"]),
+        "val_shards": str(tmp_path / "wds" / index["splits"]["val"]["pattern"]),
+    }
+
+
 @pytest.fixture(scope="session")
 def trained_teacher(tmp_path_factory) -> Path:
     """A resnet8 teacher trained once on the synthetic task; returns its student.pt."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny
+from conftest import synthetic_shards, tiny
 
 from quest import evaluate
 from quest.codebook import load_codebook
@@ -79,20 +79,7 @@ def test_two_processes_two_workers_each_stream_shards(tmp_path, trained_teacher)
     """QuEST from WebDataset shards under `accelerate launch`, 2 ranks × 2 loader workers: the
     codebook pass sees every training image once, both ranks take the same number of steps (unequal
     counts would hang DDP), and evaluation counts every validation image once."""
-    from torchvision.io import encode_png
-
-    from quest import data, shards
-
-    for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):  # the synthetic task
-        images = data.synthetic(size, 4, 3, 16, seed=seed)
-        for i, (img, label) in enumerate(zip(images.images, images.labels)):
-            folder = tmp_path / "folder" / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"img{i}.png").write_bytes(encode_png(img).numpy().tobytes())
-    index = shards.convert(
-        tmp_path / "folder", tmp_path / "wds", shard_size=48, val_shard_size=24, progress=False
-    )
-    pattern = {s: str(tmp_path / "wds" / index["splits"][s]["pattern"]) for s in ("train", "val")}
+    patterns = synthetic_shards(tmp_path, shard_size=48, val_shard_size=24)
     recipe = tiny(
         tmp_path,
         "wds",
@@ -101,8 +88,8 @@ def test_two_processes_two_workers_each_stream_shards(tmp_path, trained_teacher)
         optim__epochs=2,
         run__cpu=True,
         data__dataset="wds",
-        data__train_shards=pattern["train"],
-        data__val_shards=pattern["val"],
+        data__train_shards=patterns["train_shards"],
+        data__val_shards=patterns["val_shards"],
         data__num_workers=2,
         data__transforms="cifar",
     )

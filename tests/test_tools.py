@@ -34,29 +34,23 @@ def test_inspect_draws_the_most_used_words(tmp_path, trained_teacher):
     assert torch.all(counts[:-1] >= counts[1:]) and int(counts[0]) == int(out["usage"].max())
 
 
-def test_bench_step_runs_and_prints_the_ratio(tmp_path):
-    recipe = tiny(tmp_path, "b", method="quest", teacher=tmp_path / "unused.pt")
+def run_tool(script: str, *args: str, timeout: int = 300) -> list[str]:
+    """tools/<script> in a subprocess, as a user runs it; its stdout lines."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "tools/bench_step.py",
-            str(recipe),
-            "--batch",
-            "4",
-            "--warmup",
-            "0",
-            "--repeats",
-            "1",
-            "--kmeans",
-            "2000,16,8",
-        ],
+        [sys.executable, f"tools/{script}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
+def test_bench_step_runs_and_prints_the_ratio(tmp_path):
+    recipe = tiny(tmp_path, "b", method="quest", teacher=tmp_path / "unused.pt")
+    args = "--batch 4 --warmup 0 --repeats 1 --kmeans 2000,16,8"
+    lines = run_tool("bench_step.py", str(recipe), *args.split())
     assert lines[-1].startswith("quest/reference = ")
     assert float(lines[-1].split("=")[1]) > 0
     assert any(line.startswith("original") for line in lines) and any(
@@ -70,15 +64,7 @@ def test_bench_step_runs_and_prints_the_ratio(tmp_path):
 def test_bench_data_times_every_side_on_the_same_images(tmp_path):
     args = "--images 48 --classes 3 --width 64 --height 48 --size 32 --batch 8 --workers 1"
     args += f" --repeats 1 --pil-shards --shard-size 20 --work {tmp_path}"
-    out = subprocess.run(
-        [sys.executable, "tools/bench_data.py", *args.split()],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
+    lines = run_tool("bench_data.py", *args.split())
     assert lines[0].startswith("48 JPEGs") and ", 3 shards," in lines[0]
     sides = [line.split(":")[0].strip() for line in lines if "images/s" in line]
     assert sides == ["folder", "shards", "shards+PIL"]
@@ -96,10 +82,8 @@ def test_results_table_runs_every_method_over_seeds_side_by_side(tmp_path, train
     ]:
         tiny(recipes_dir, name, method=method, teacher=trained_teacher, optim__epochs=1)
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "tools/results_table.py", "--recipes", str(recipes_dir)]
-    cmd += ["--seeds", "2", "--jobs", "2", "--out", str(out_dir)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = f"--recipes {recipes_dir} --seeds 2 --jobs 2 --out {out_dir}"
+    run_tool("results_table.py", *args.split(), timeout=600)
     assert (recipes_dir / "codebook.pt").exists()  # built once, before the parallel runs
     table = (out_dir / "results.md").read_text()
     for slug, label in [("student_alone", "student alone"), ("kd", "KD"), ("quest", "QuEST")]:

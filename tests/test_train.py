@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import synthetic_shards, tiny
 
 from quest import checkpoint, train
 from quest.codebook import CodebookError, load_codebook
@@ -352,37 +352,10 @@ def test_codebook_build_false_requires_an_existing_codebook(tmp_path, trained_te
     assert not (tmp_path / "codebook.pt").exists()
 
 
-def _synthetic_shards(tmp_path: Path) -> dict:
-    """The synthetic task (256 train / 64 val, 16 px) as PNG class folders and as shards."""
-    from torchvision.io import encode_png
-
-    from quest import data, shards
-
-    for split, size, seed in (("train", 256, 1234), ("val", 64, 1235)):
-        images = data.synthetic(size, 4, 3, 16, seed=seed)
-        for i, (img, label) in enumerate(zip(images.images, images.labels)):
-            folder = tmp_path / "folder" / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"img{i}.png").write_bytes(encode_png(img).numpy().tobytes())
-    index = shards.convert(
-        tmp_path / "folder",
-        tmp_path / "wds",
-        shard_size=64,
-        val_shard_size=32,
-        workers=1,
-        progress=False,
-    )
-    assert index["splits"]["train"]["total"] == 256 and index["splits"]["val"]["total"] == 64
-    return {
-        "train_shards": str(tmp_path / "wds" / index["splits"]["train"]["pattern"]),
-        "val_shards": str(tmp_path / "wds" / index["splits"]["val"]["pattern"]),
-    }
-
-
 def test_training_from_shards_matches_training_from_the_folder(tmp_path):
     from conftest import write_recipe
 
-    patterns = _synthetic_shards(tmp_path)
+    patterns = synthetic_shards(tmp_path)
     results = {}
     for kind in ("folder", "wds"):
         d = {
@@ -416,7 +389,7 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
 
 
 def test_unreadable_training_samples_are_counted_in_the_run(tmp_path):
-    patterns = _synthetic_shards(tmp_path)
+    patterns = synthetic_shards(tmp_path)
     shard = tmp_path / "wds" / "train-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
