@@ -11,17 +11,21 @@ run after a warm-up epoch each (which also brings the files into the page cache)
   its slot of the float batch in the worker; with a CUDA device the workers would ship uint8 batches
   and the GPU would normalise them, which this CPU benchmark does not time);
 - shards+PIL (`--pil-shards`): the shard reader decoding with PIL instead, to separate the effect of
-  the decoder from that of reading tar shards.
+  the decoder from that of reading tar shards;
+- shards+wds-tar (`--wds-tar`): the shard reader reading tars through webdataset's
+  `tarfile_samples` and starting a fresh stream (and shuffle buffer) every epoch, as it did before
+  `quest/shards/tar.py` and the carried-over streams.
 
 Without --folder it writes a synthetic ImageNet-layout folder of 320×240 JPEGs first.
 
-    python tools/bench_data.py --images 3000 --workers 2 --batch 64 --repeats 3
+    python tools/bench_data.py --images 3000 --workers 2 --batch 64 --repeats 3 [--pil-shards --wds-tar]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import statistics
 import sys
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.io import encode_jpeg
@@ -83,6 +88,18 @@ class PILTrainStream(shards.TrainStream):
             return self.batcher.image(im.convert("RGB")), int(sample["cls"])
 
 
+class WdsTarTrainStream(shards.TrainStream):
+    """The shard reader with webdataset's tar reading and a fresh stream every epoch."""
+
+    def _samples(self, rng):
+        while True:
+            yield from wds.tarfile_samples([{"url": rng.choice(self.urls)}])
+
+    def __iter__(self):
+        self._carry = None
+        yield from super().__iter__()
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """user + system CPU time of processes (Linux /proc), robust to other load on the machine."""
     total = 0
@@ -126,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per side, interleaved")
     p.add_argument("--pil-shards", action="store_true", help="also time shards decoded with PIL")
+    p.add_argument(
+        "--wds-tar", action="store_true", help="also time shards read by webdataset's tar reader"
+    )
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -164,23 +184,27 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.workers,
     )
     loaders = shards.build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
-    epoch = {"n": 0}
 
-    def next_epoch():
-        loaders.train_batches.set_epoch(epoch["n"])
-        epoch["n"] += 1
+    def epochs(batches: shards.StreamBatches):
+        """Each side counts its own epochs: a stream carries over only into the next epoch."""
+        count = itertools.count()
+        return lambda: batches.set_epoch(next(count))
 
     sides = {
         "folder": (folder, None),
-        "shards": (loaders.train, next_epoch),
+        "shards": (loaders.train, epochs(loaders.train_batches)),
     }
-    if args.pil_shards:
-        ds = loaders.train.pipeline[0].dataset  # the TrainStream behind the WebLoader
-        pil = PILTrainStream(
-            ds.urls, ds.batches, ds.batch, 0, 0, pil_transforms(args.size), ds.mode
-        )
-        pil_loader = shards.web_loader(pil, pil.batcher, _loader_kwargs(cfg, False))
-        sides["shards+PIL"] = (pil_loader, next_epoch)
+    ds = loaders.train.pipeline[0].dataset  # the TrainStream behind the WebLoader
+    variants = {
+        "shards+PIL": (args.pil_shards, PILTrainStream, pil_transforms(args.size)),
+        "shards+wds-tar": (args.wds_tar, WdsTarTrainStream, ds.batcher.transform),
+    }
+    for name, (wanted, stream, transform) in variants.items():
+        if wanted:
+            batches = shards.StreamBatches(ds.batches.samples, ds.batch, 1)
+            side = stream(ds.urls, batches, ds.batch, 0, 0, transform, ds.mode)
+            loader = shards.web_loader(side, side.batcher, _loader_kwargs(cfg, False))
+            sides[name] = (loader, epochs(batches))
 
     n_images = len(folder_set)
     print(
@@ -200,14 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in rates.items():
         spread = ", ".join(f"{v:.0f}" for v in values)
         print(
-            f"{name:>11}: {statistics.median(values):7.1f} images/s (median of {spread}), "
+            f"{name:>14}: {statistics.median(values):7.1f} images/s (median of {spread}), "
             f"{statistics.median(cpu[name]):.2f} CPU ms/image"
         )
-    ratio = statistics.median(rates["shards"]) / statistics.median(rates["folder"])
-    cpu_ratio = statistics.median(cpu["folder"]) / statistics.median(cpu["shards"])
     print(f"load average {os.getloadavg()[0]:.1f} after (other processes distort both rates)")
-    print(f"CPU time per image folder/shards = {cpu_ratio:.2f}")
-    print(f"shards/folder = {ratio:.2f}")
+    for other in rates:  # the reference last: tools and tests read the final line
+        if other != "shards":
+            cpu_ratio = statistics.median(cpu[other]) / statistics.median(cpu["shards"])
+            print(f"CPU time per image {other}/shards = {cpu_ratio:.2f}")
+    for other in [*list(rates)[2:], "folder"]:
+        ratio = statistics.median(rates["shards"]) / statistics.median(rates[other])
+        print(f"shards/{other} = {ratio:.2f}")
     return 0
 
 
