@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
                     channels_last=run.channels_last,
                 )
                 state.best_top1 = max(state.best_top1, last_eval["top1"])
+                n_skipped = skipped(loaders, accelerator)
                 log.log(
                     {
                         "step": state.step,
@@ -504,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
                         **last_eval,
                         "best_top1": state.best_top1,
                         "eval_s": time.time() - t_eval,
-                        "skipped_train_samples": skipped(loaders, accelerator),
+                        **({"skipped_train_samples": n_skipped} if n_skipped else {}),
                     },
                     kind="eval",
                 )
