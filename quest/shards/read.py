@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -184,7 +185,7 @@ class Batcher:
 
     def to_model_input(self, device=None) -> ToModelInput | None:
         """The stage after the loader that finishes deferred batches (None when nothing is)."""
-        return ToModelInput(self.norm.mean, self.norm.std, device) if self.defer else None
+        return self.norm.to(device or "cpu") if self.defer else None
 
 
 class ToModelInput:
@@ -192,13 +193,15 @@ class ToModelInput:
     one add (v2's ToDtype + Normalize, four passes, within 1e-6). Called on a deferred batch after
     the loader (after pinning, so the copy to the GPU is the uint8 one); float batches pass through."""
 
-    def __init__(self, mean: list[float], std: list[float], device=None):
-        self.mean, self.std = list(mean), list(std)
-        self.device = torch.device(device or "cpu")
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1).to(self.device)
-        self.shift = (
-            torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1).to(self.device)
-        )
+    def __init__(self, mean: list[float], std: list[float]):
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+
+    def to(self, device) -> ToModelInput:
+        """A copy that works on `device` (batches are moved there first)."""
+        moved = copy.copy(self)
+        moved.scale, moved.shift = self.scale.to(device), self.shift.to(device)
+        return moved
 
     def into(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         torch.mul(images, self.scale, out=out)
@@ -210,8 +213,8 @@ class ToModelInput:
         images, labels = batch
         if images.dtype != torch.uint8:
             return images, labels
-        x = images.to(self.device, non_blocking=True)
-        return self.into(x, torch.empty(x.shape, dtype=torch.float32, device=self.device)), labels
+        x = images.to(self.scale.device, non_blocking=True)
+        return self.into(x, torch.empty(x.shape, dtype=torch.float32, device=x.device)), labels
 
 
 def _identity(x):
