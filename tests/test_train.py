@@ -23,6 +23,11 @@ from quest.student import ModelError, load_state
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+# `python -m quest.train` with gc after every allocation, inherited by forked workers: garbage left
+# before a fork is collected in the worker at once instead of whenever its allocation counts say so
+GC_EAGER_TRAIN = (
+    "import gc, sys; gc.set_threshold(1); from quest import train; train.main(sys.argv[1:])"
+)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -144,8 +149,6 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, traine
     recipe = tiny(tmp_path, "killed", **common)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(
-        # gc after every allocation, inherited by forked workers: garbage left before a fork is
-        # collected in the worker at once instead of whenever its allocation counts say so
         [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         cwd=REPO,
         env=env,
@@ -163,8 +166,6 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, traine
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "student.pt").exists()
     done = subprocess.run(
-        # gc after every allocation, inherited by forked workers: garbage left before a fork is
-        # collected in the worker at once instead of whenever its allocation counts say so
         [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         cwd=REPO,
         env=env,
@@ -310,11 +311,6 @@ def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
     assert summary["teacher_top1"] > 50
 
 
-GC_EAGER_TRAIN = (
-    "import gc, sys; gc.set_threshold(1); from quest import train; train.main(sys.argv[1:])"
-)
-
-
 def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
     """The quickstart's path (teacher trained in-process, codebook, student, workers everywhere)
     prints no stray errors: loader iterators left as garbage before the training loader forked its
@@ -332,8 +328,6 @@ def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
         data__num_workers=1,
     )
     out = subprocess.run(
-        # gc after every allocation, inherited by forked workers: garbage left before a fork is
-        # collected in the worker at once instead of whenever its allocation counts say so
         [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         capture_output=True,
         text=True,
@@ -409,9 +403,6 @@ def test_unreadable_training_samples_are_counted_in_the_run(tmp_path):
         summary = train.main([str(recipe)])
     assert summary["steps"] == 256 // 32 and summary["eval_count"] == 64
     assert summary["skipped_train_samples"] > 0
-    evals = [
-        r
-        for r in map(json.loads, (tmp_path / "bad" / "metrics.jsonl").open())
-        if r["kind"] == "eval"
-    ]
+    records = (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, records) if r["kind"] == "eval"]
     assert evals[-1]["skipped_train_samples"] == summary["skipped_train_samples"]
