@@ -108,8 +108,11 @@ def main(argv=None) -> None:
     cores = os.cpu_count() or 1
     common = list(args.overrides) + ([f"optim.epochs={args.epochs}"] if args.epochs else [])
     methods = [(label, str(Path(args.recipes) / name)) for label, name in METHODS]
+    quest_recipe = str(
+        Path(args.recipes) / "quest.toml"
+    )  # the teacher, codebook and K of the table
     try:
-        stage_s = prepare_teacher_and_codebook(methods[2][1], common, threads=cores)
+        stage_s = prepare_teacher_and_codebook(quest_recipe, common, threads=cores)
     except RuntimeError as e:
         sys.exit(str(e))
     t_students = time.time()
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
         for i, (label, recipe) in enumerate(methods)
     ]
     teacher_top1 = rows[2][2][0]["teacher_top1"]  # measured by the QuEST runs on the full test set
-    r0 = recipes.load(methods[2][1], common)
+    r0 = recipes.load(quest_recipe, common)
     lines = [
         "# Fashion-MNIST: QuEST vs KD vs student alone",
         "",
