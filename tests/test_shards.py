@@ -531,6 +531,11 @@ def test_missing_shard_is_a_clear_error(tmp_path):
     cfg.train_shards = str(out / "train-{000000..000002}.tar")
     with pytest.raises(DataError, match=r"2 of 3 shards do not exist, first .*train-000001\.tar"):
         build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
+    (out / "other.json").write_text('{"epochs": 3}')
+    cfg = _bad_cfg(out, 0)
+    cfg.shard_index = str(out / "other.json")
+    with pytest.raises(DataError, match=r"other\.json is not a size index .* data\.shard_index"):
+        build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
     (out / "sizes.json").unlink()
     with pytest.raises(DataError, match=r"sizes\.json"):
         build_wds_loaders(_bad_cfg(out, 0), seed=0, rank=0, world=1, pin=False)

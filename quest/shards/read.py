@@ -99,6 +99,11 @@ def load_index(urls: list[str], location: str = "") -> tuple[dict, list[int]]:
                     f"no readable size index {where} ({err}): it is written last by "
                     "`python -m quest.shards`, so the conversion may be unfinished"
                 ) from None
+            if not isinstance(cache[where], dict) or "splits" not in cache[where]:
+                raise DataError(
+                    f"{where} is not a size index written by `python -m quest.shards` (no "
+                    "'splits'): check data.shard_index"
+                )
         shards = {n: c for s in cache[where]["splits"].values() for n, c in s["shards"].items()}
         if name not in shards:
             raise DataError(f"shard {url} is not listed in {where}")
