@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,31 +15,56 @@ from typing import Any
 import torch
 
 
-def atomic_write(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write, overwrite: bool = True) -> Path:
     """Call write(tmp_path), fsync, then rename onto `path`: a killed process never leaves a
-    half-written file under the final name."""
+    half-written file under the final name. overwrite=False never replaces an existing `path`, not
+    even one another process creates meanwhile: FileExistsError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode open() would, so teammates on a
     # shared cluster file system can read checkpoints and codebooks.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~umask())
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            publish_new(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def save_torch(obj: Any, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def publish_new(tmp: str, path: Path) -> None:
+    """Give the finished file `tmp` the name `path` only if no file has it. A hard link is atomic and
+    fails on an existing name, where a rename would replace it. File systems without hard links fall
+    back to check-then-rename, which leaves a short window for a race."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # hard links not supported here
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_torch(obj: Any, path: str | Path, overwrite: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite)
 
 
 def save_text(text: str, path: str | Path) -> Path:

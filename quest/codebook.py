@@ -1,14 +1,17 @@
 """The codebook stage: teacher features → k-means visual words → a versioned artifact.
 
 `python -m quest.codebook RECIPE [section.key=value ...]` (or `accelerate launch -m quest.codebook`):
-every rank passes its part of the training set (evaluation transforms) through the teacher and keeps
-an equal-size uniform random sample of its feature vectors; rank 0 gathers the samples, runs faiss
-k-means (GPU when present), and the centroids are broadcast so every rank holds the same codebook.
-Optionally, distributed Lloyd iterations over every vector refine the faiss result.
+builds the codebooks the recipe lacks; an existing artifact is validated against the recipe and reused,
+never overwritten (delete it to rebuild it). Every rank passes its part of the training set (evaluation
+transforms) through the teacher and keeps its vectors (or a uniform random sample of its share of
+codebook.max_vectors); rank 0 gathers every rank's part, runs faiss k-means (GPU when present), and the
+centroids are broadcast so every rank holds the same codebook. Optionally, distributed Lloyd iterations
+over every vector refine the faiss result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -18,14 +21,24 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
 from .recipe import Level, Recipe
 
-FORMAT = "quest-codebook/1"
+FORMAT = "quest-codebook/2"  # /2: a content hash of the centroids and the features' precision
 # Fields that must agree between an existing artifact and the recipe that wants to reuse it.
-MATCH_FIELDS = ("teacher_arch", "teacher_weights", "layer", "pool", "size")
+MATCH_FIELDS = (
+    "teacher_arch",
+    "teacher_weights",
+    "layer",
+    "pool",
+    "size",
+    "seed",
+    "feature_precision",
+)
+# The precision autocast computes the teacher's features in, by accelerate's mixed_precision name.
+FEATURE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 class CodebookError(ValueError):
@@ -36,22 +49,37 @@ class CodebookError(ValueError):
 class Codebook:
     centroids: torch.Tensor  # K×C float32
     meta: dict
+    digest: str = ""  # centroids_sha256(centroids); computed when not given
 
     def __post_init__(self):
         self.sq_norms = self.centroids.square().sum(1)  # cached: soft_assign needs them every step
+        self.digest = self.digest or centroids_sha256(self.centroids)
 
     def to(self, device) -> Codebook:
-        return Codebook(self.centroids.to(device), self.meta)
+        return Codebook(self.centroids.to(device), self.meta, self.digest)
 
 
-def expected_meta(recipe: Recipe, level: Level) -> dict:
-    """What an artifact for this recipe level must say about itself."""
+def centroids_sha256(centroids: torch.Tensor) -> str:
+    """The content hash of a codebook: sha256 of its float32, C-contiguous, little-endian bytes."""
+    data = centroids.detach().float().cpu().contiguous().numpy().astype("<f4", copy=False)
+    return hashlib.sha256(data).hexdigest()
+
+
+def kmeans_seed(recipe: Recipe) -> int:
+    return recipe.seed if recipe.codebook.seed < 0 else recipe.codebook.seed
+
+
+def expected_meta(recipe: Recipe, level: Level, mixed_precision: str) -> dict:
+    """What an artifact for this recipe level must say about itself (MATCH_FIELDS).
+    mixed_precision: the accelerator's ('no', 'bf16', 'fp16'), the teacher features' precision."""
     return {
         "teacher_arch": recipe.teacher.arch,
         "teacher_weights": teacher_weights_id(recipe.teacher.checkpoint),
         "layer": level.teacher_layer,
         "pool": level.pool,
         "size": recipe.codebook.size,
+        "seed": kmeans_seed(recipe),
+        "feature_precision": FEATURE_PRECISION.get(mixed_precision, mixed_precision),
     }
 
 
@@ -62,10 +90,22 @@ def teacher_weights_id(checkpoint: str) -> str:
 
 
 def save_codebook(path: str | Path, centroids: torch.Tensor, meta: dict) -> Path:
-    meta = {"format": FORMAT, **meta, **artifacts.provenance()}
-    return artifacts.save_torch(
-        {"centroids": centroids.float().cpu().contiguous(), "meta": meta}, path
-    )
+    """Write a new artifact; an existing file is never replaced (CodebookError), even one another
+    process writes meanwhile."""
+    centroids = centroids.float().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        **meta,
+        "centroids_sha256": centroids_sha256(centroids),
+        **artifacts.provenance(),
+    }
+    try:
+        return artifacts.save_torch({"centroids": centroids, "meta": meta}, path, overwrite=False)
+    except FileExistsError:
+        raise CodebookError(
+            f"{path} exists (perhaps written by another process meanwhile) and a codebook is never "
+            "overwritten: use it, or delete it to rebuild it"
+        ) from None
 
 
 def load_codebook(
@@ -73,6 +113,7 @@ def load_codebook(
 ) -> Codebook:
     """Load and validate an artifact; `expect` fields (MATCH_FIELDS) must equal the artifact's."""
     path = Path(path)
+    rebuild = "delete it and rebuild it (`python -m quest.codebook RECIPE`)"
     if not path.is_file():
         raise CodebookError(f"codebook not found: {path} (run `python -m quest.codebook RECIPE`)")
     try:
@@ -82,8 +123,19 @@ def load_codebook(
             raise TypeError("expected a tensor 'centroids' and a dict 'meta'")
     except Exception as err:
         raise CodebookError(f"{path} is not a readable quest codebook: {err}") from None
+    if meta.get("format") == "quest-codebook/1":
+        raise CodebookError(
+            f"{path} is a quest-codebook/1 artifact, written before codebooks carried a content hash "
+            f"of their centroids and the precision of their features: {rebuild}"
+        )
     if meta.get("format") != FORMAT:
         raise CodebookError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    digest = centroids_sha256(centroids)
+    if meta.get("centroids_sha256") != digest:
+        raise CodebookError(
+            f"{path}: the centroids do not match the content hash written with them: the file is "
+            f"corrupt or altered; {rebuild}"
+        )
     if (
         centroids.ndim != 2
         or centroids.shape[0] != meta.get("size")
@@ -93,38 +145,107 @@ def load_codebook(
             f"{path}: centroids {tuple(centroids.shape)} are malformed or not finite"
         )
     for key, value in (expect or {}).items():
-        if meta.get(key) != value:
-            raise CodebookError(
-                f"{path} was built for {key} = {meta.get(key)!r}, but the recipe has {value!r}: "
-                "point codebook.path elsewhere or delete the file to rebuild it"
-            )
+        have = meta.get(key)
+        # Words from fp32 features serve a run at any precision; bf16/fp16 ones only their own.
+        if have != value and not (key == "feature_precision" and have == "fp32"):
+            raise CodebookError(_mismatch(path, key, have, value))
     if channels is not None and centroids.shape[1] != channels:
         raise CodebookError(
             f"{path}: codewords have {centroids.shape[1]} dims but the teacher map has {channels} channels"
         )
-    return Codebook(centroids.float(), meta)
+    return Codebook(centroids.float(), meta, digest)
+
+
+def _mismatch(path: Path, key: str, have, want) -> str:
+    """Why an artifact does not fit the recipe, and the ways out."""
+    if key == "feature_precision":
+        setting = {v: k for k, v in FEATURE_PRECISION.items()}.get(have, have)
+        return (
+            f"{path} was built from {have} teacher features, but this run computes {want} ones: "
+            f"set run.precision = '{setting}', or delete the file to rebuild it (a codebook from fp32 "
+            "features serves every precision)"
+        )
+    reuse = f"set codebook.seed = {have!r} to reuse it, " if key == "seed" else ""
+    where = " (codebook.seed; -1 = the recipe's seed)" if key == "seed" else ""
+    return (
+        f"{path} was built for {key} = {have!r}, but the recipe has {want!r}{where}: {reuse}"
+        "point codebook.path elsewhere or delete the file to rebuild it"
+    )
 
 
 class VectorSample:
-    """A uniform random sample without replacement of at most `capacity` rows from a stream of
-    batches (random keys, keep the smallest): memory stays bounded by capacity + one batch."""
+    """A uniform random sample without replacement of at most `capacity` rows (0 = every row) of a
+    stream of batches: every row draws a random key and the rows with the smallest keys are kept.
+
+    Rows are copied into preallocated blocks, never appended to one growing tensor (that copies
+    everything kept so far on every batch: quadratic). With a capacity there is one block of
+    `capacity` rows (memory is only committed as rows are written); once it is full, the rows of a
+    batch whose keys beat kept ones take their places: memory stays capacity + one batch. Without,
+    blocks of BLOCK_BYTES are joined once, when `rows` is read, each freed as soon as it is copied:
+    the peak is every row plus one block, not twice every row.
+    """
+
+    BLOCK_BYTES = 32 << 20  # above glibc's largest mmap threshold: a freed block leaves the process
 
     def __init__(self, capacity: int, generator: torch.Generator):
         self.capacity, self.g = capacity, generator
-        self.rows: torch.Tensor | None = None
-        self.keys = torch.empty(0)
         self.seen = 0
+        self._rows: list[torch.Tensor] = []  # blocks, every one full but the last
+        self._keys: list[torch.Tensor] = []
+        self._fill = 0  # rows written into the last block
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.detach().float().cpu()
+        # float64 keys: float32 ones tie among millions of rows
+        keys = torch.rand(rows.shape[0], generator=self.g, dtype=torch.float64)
         self.seen += rows.shape[0]
-        keys = torch.rand(rows.shape[0], generator=self.g)
-        if self.rows is not None:
-            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
-        if self.capacity and rows.shape[0] > self.capacity:
-            keys, idx = keys.topk(self.capacity, largest=False)
-            rows = rows[idx]
-        self.rows, self.keys = rows, keys
+        while rows.shape[0]:
+            if not self._rows or (not self.capacity and self._fill == self._rows[-1].shape[0]):
+                n = self.capacity or max(1, self.BLOCK_BYTES // (4 * rows.shape[1]))
+                self._rows.append(rows.new_empty(n, rows.shape[1]))
+                self._keys.append(keys.new_empty(n))
+                self._fill = 0
+            room = self._rows[-1].shape[0] - self._fill
+            if room == 0:  # the sample is full: the rest compete for its places
+                self._replace(rows, keys)
+                return
+            n = min(room, rows.shape[0])
+            self._rows[-1][self._fill : self._fill + n] = rows[:n]
+            self._keys[-1][self._fill : self._fill + n] = keys[:n]
+            self._fill += n
+            rows, keys = rows[n:], keys[n:]
+
+    def _replace(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Keep the `capacity` smallest keys of the full sample and this batch, in place."""
+        kept_rows, kept_keys = self._rows[0], self._keys[0]
+        better = keys < kept_keys.max()
+        if not better.any():
+            return
+        rows, keys = rows[better], keys[better]
+        keep = torch.cat([kept_keys, keys]).topk(self.capacity, largest=False, sorted=False).indices
+        entering = keep[keep >= self.capacity] - self.capacity
+        leaving = torch.ones(self.capacity, dtype=torch.bool)
+        leaving[keep[keep < self.capacity]] = False
+        slots = leaving.nonzero().squeeze(1)
+        kept_rows[slots], kept_keys[slots] = rows[entering], keys[entering]
+
+    def _join(self) -> None:
+        if len(self._rows) > 1:
+            self._rows = [_joined(self._rows, self._fill)]
+            self._keys = [_joined(self._keys, self._fill)]
+            self._fill = self._rows[0].shape[0]
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The kept rows, N×C float32 (None before any)."""
+        self._join()
+        return self._rows[0][: self._fill] if self._rows else None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The random key of each kept row."""
+        self._join()
+        return self._keys[0][: self._fill] if self._keys else torch.empty(0, dtype=torch.float64)
 
     def take(self, n: int) -> torch.Tensor:
         """n rows of the sample in random-key order (still a uniform sample)."""
@@ -132,92 +253,123 @@ class VectorSample:
         return self.rows[order]
 
 
-def _gather_to_main(x: torch.Tensor, world: int) -> torch.Tensor | None:
-    """Concatenate equal-size per-rank tensors on rank 0 (not on every rank: the matrix can be large)."""
+def _joined(blocks: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """The blocks' rows as one tensor (the last holds `fill`). Emptying the list frees each block
+    once copied: the peak is every row plus one block, where torch.cat holds every row twice."""
+    sizes = [b.shape[0] for b in blocks[:-1]] + [fill]
+    out = blocks[0].new_empty(sum(sizes), *blocks[0].shape[1:])
+    blocks.reverse()
+    start = 0
+    for n in sizes:
+        out[start : start + n] = blocks.pop()[:n]
+        start += n
+    return out
+
+
+def gather_sizes(n: int, world: int, device) -> list[int]:
+    """Every rank's row count, on every rank."""
     if world == 1:
+        return [n]
+    mine = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine)
+    return [int(s) for s in sizes]
+
+
+def gather_to_main(x: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+    """The ranks' rows (sizes[r] of them on rank r) concatenated in rank order on rank 0, None
+    elsewhere (not on every rank: the matrix can be large). dist.gather wants equal shapes: every
+    part is padded to the largest and trimmed on rank 0."""
+    if len(sizes) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)] if dist.get_rank() == 0 else None
-    dist.gather(x, parts, dst=0)
-    return torch.cat(parts) if parts is not None else None
+    pad = max(sizes) - x.shape[0]
+    part = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x.contiguous()
+    parts = [torch.empty_like(part) for _ in sizes] if dist.get_rank() == 0 else None
+    dist.gather(part, parts, dst=0)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]) if parts is not None else None
 
 
 @torch.no_grad()
 def extract_samples(
-    teacher, loader, capacities: list[int], device, autocast, seed: int, rank: int
+    teacher, loader, levels: list[int], capacity: int, device, autocast, seed: int, rank: int
 ) -> list[VectorSample]:
-    """One pass of the teacher over this rank's images; a bounded sample of vectors per level."""
+    """One pass of the teacher over this rank's images; a sample of vectors for each of `levels`
+    (indices of the teacher's maps)."""
     samples = [
-        VectorSample(c, torch.Generator().manual_seed(seed * 1000 + rank)) for c in capacities
+        VectorSample(capacity, torch.Generator().manual_seed(seed * 1000 + rank)) for _ in levels
     ]
     for images, _ in tqdm(
         loader, desc="teacher features", disable=rank != 0 or not sys.stderr.isatty(), leave=False
     ):
         with autocast():
             _, maps = teacher(images.to(device, non_blocking=True))
-        for sample, fmap in zip(samples, maps):
-            sample.add(flatten_locations(fmap))
+        for sample, i in zip(samples, levels):
+            sample.add(flatten_locations(maps[i]))
     return samples
 
 
-def build_codebooks(recipe: Recipe, teacher, accelerator, loader) -> list[Codebook]:
-    """Fit one codebook per QuEST level from the teacher's features and write the artifacts (rank 0)."""
+def build_codebooks(
+    recipe: Recipe, teacher, accelerator, loader, which: list[int] | None = None
+) -> list[Codebook]:
+    """Fit the codebooks of the QuEST levels `which` (indices; default all) from one pass of the
+    teacher and write their artifacts (rank 0; an existing file is never replaced)."""
     cb = recipe.codebook
     levels = recipe.quest_levels()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    seed = recipe.seed if cb.seed < 0 else cb.seed
-    # Refinement needs every local vector; otherwise each rank keeps a bounded uniform sample.
+    which = list(range(len(levels))) if which is None else which
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    seed = kmeans_seed(recipe)
+    # A cap gives every rank an equal share, ceil(max_vectors / world), and rank 0 clusters the
+    # first max_vectors of the pooled shares (a uniform sample within each rank; the ranks' parts
+    # of the data are equal up to a few images). Refinement needs every local vector.
     per_rank = -(-cb.max_vectors // world) if cb.max_vectors else 0
     capacity = 0 if cb.refine_iterations > 0 else per_rank
     t0 = time.time()
     samples = extract_samples(
-        teacher,
-        loader,
-        [capacity] * len(levels),
-        accelerator.device,
-        accelerator.autocast,
-        seed,
-        rank,
+        teacher, loader, which, capacity, device, accelerator.autocast, seed, rank
     )
     books = []
-    for level, sample in zip(levels, samples):
-        if sample.rows is None:
-            raise CodebookError(f"rank {rank} received no training images for the codebook")
-        # Equal per-rank counts: every rank contributes the same number of vectors.
-        counts = torch.tensor([sample.rows.shape[0]], device=accelerator.device)
-        n_rank = int(accelerator.gather(counts).min())
-        local = sample.take(min(n_rank, per_rank) if per_rank else n_rank).to(accelerator.device)
-        if (
-            local.shape[0] * world < cb.size
-        ):  # every rank knows the total: all fail with one message
+    for i, sample in zip(which, samples):
+        level = levels[i]
+        # In random-key order: the rows past a cap are a random subset, and k-means gets them shuffled.
+        local = sample.take(per_rank or sample.seen) if sample.seen else None
+        sizes = gather_sizes(0 if local is None else local.shape[0], world, device)
+        if 0 in sizes:  # every rank knows the sizes: all fail with one message
             raise CodebookError(
-                f"codebook.size K={cb.size} is larger than the {local.shape[0] * world} teacher feature "
-                f"vectors gathered for level {level.teacher_layer}: lower codebook.size or raise "
+                f"rank {sizes.index(0)} received no training images for the codebook"
+            )
+        total = min(sum(sizes), cb.max_vectors or sum(sizes))
+        if total < cb.size:
+            raise CodebookError(
+                f"codebook.size K={cb.size} is larger than the {total} teacher feature vectors "
+                f"gathered for level {level.teacher_layer}: lower codebook.size or raise "
                 "codebook.max_vectors / codebook.max_images"
             )
-        pooled = _gather_to_main(local, world)
-        centroids = torch.empty(cb.size, local.shape[1], device=accelerator.device)
+        centroids = torch.empty(cb.size, local.shape[1], device=device)
+        pooled = gather_to_main(local.to(device), sizes)
+        del local  # a copy: refinement below needs the memory for every local vector
         result: KMeansResult | None = None
         if accelerator.is_main_process:
-            result = fit_kmeans(pooled.cpu(), cb.size, cb.iterations, seed, 0, cb.gpu)
+            result = fit_kmeans(pooled[:total].cpu(), cb.size, cb.iterations, seed, 0, cb.gpu)
             centroids.copy_(result.centroids)
+        del pooled
+        distributed.wait_for_main()  # k-means may take hours: the long limit, not run.timeout_minutes
         if world > 1:
             dist.broadcast(centroids, src=0)
         refine_history: list[float] = []
         if cb.refine_iterations > 0:
-            everything = sample.rows.to(accelerator.device)
+            everything = sample.rows.to(device)
             centroids, refine_history = lloyd_refine(everything, centroids, cb.refine_iterations)
         # Every rank must now hold the same words: compare fingerprints rather than trust it.
         fingerprint = centroids.double().sum(1)
         if world > 1 and not (accelerator.gather(fingerprint[None]) == fingerprint).all():
             raise CodebookError("ranks disagree on the codebook after the broadcast")
         meta = {
-            **expected_meta(recipe, level),
+            **expected_meta(recipe, level, accelerator.mixed_precision),
             "ranks_checked_identical": world,
             "beta": level.beta,
-            "seed": seed,
             "iterations": cb.iterations,
             "vectors_seen": int(
-                accelerator.reduce(torch.tensor([sample.seen], device=accelerator.device), "sum")
+                accelerator.reduce(torch.tensor([sample.seen], device=device), "sum")
             ),
             "vectors_used": result.vectors_used if result else None,
             "objective": result.objective if result else None,
@@ -228,9 +380,15 @@ def build_codebooks(recipe: Recipe, teacher, accelerator, loader) -> list[Codebo
             "world_size": world,
             "seconds": round(time.time() - t0, 2),
         }
+        error = None
         if accelerator.is_main_process:
-            save_codebook(level.codebook, centroids, meta)
-        accelerator.wait_for_everyone()
+            try:
+                save_codebook(level.codebook, centroids, meta)
+            except CodebookError as err:
+                error = err
+        # Every rank learns whether rank 0 wrote the artifact (and waits for it).
+        if int(accelerator.reduce(torch.tensor([error is not None], device=device).int(), "sum")):
+            raise error or CodebookError(f"rank 0 did not write {level.codebook} (see its error)")
         books.append(Codebook(centroids.float(), meta))
     return books
 
@@ -251,14 +409,18 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
     if not argv or argv[0] in ("-h", "--help"):
         sys.exit("usage: python -m quest.codebook RECIPE [section.key=value ...]")
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
-    teacher = build_teacher(recipe, loaders, accelerator.device)
-    books = ensure_codebooks(recipe, teacher, accelerator, rebuild=True)
+    with distributed.bounded(recipe.run.timeout_minutes, accelerator.process_index):
+        distributed.stage("the codebook stage")
+        teacher = build_teacher(recipe, loaders, accelerator.device)
+        existed = [Path(level.codebook).is_file() for level in recipe.quest_levels()]
+        books = ensure_codebooks(recipe, teacher, accelerator)
     if accelerator.is_main_process:
-        for level, book in zip(recipe.quest_levels(), books):
+        for level, book, reused in zip(recipe.quest_levels(), books, existed):
+            how = "reused (it exists and matches this recipe)" if reused else "built"
             print(
-                f"codebook {level.codebook}: K={book.centroids.shape[0]} dims={book.centroids.shape[1]} "
-                f"vectors={book.meta['vectors_used']} objective={book.meta['objective'][-1]:.4g} "
-                f"in {book.meta['seconds']} s"
+                f"codebook {level.codebook} {how}: K={book.centroids.shape[0]} "
+                f"dims={book.centroids.shape[1]} vectors={book.meta['vectors_used']} "
+                f"objective={book.meta['objective'][-1]:.4g} in {book.meta['seconds']} s"
             )
     return books
 

@@ -1,21 +1,27 @@
 """The codebook stage's pieces: faiss k-means, single-process Lloyd refinement, the codebook artifact
 (save/load/validation) and the streaming VectorSample. (The two-rank Lloyd is tested elsewhere.)"""
 
+import hashlib
 import importlib.util
 import itertools
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny
 
-from quest import kmeans
+from quest import codebook, kmeans, train
 from quest import recipe as R
+from quest.artifacts import atomic_write
 from quest.codebook import (
     FORMAT,
+    MATCH_FIELDS,
+    Codebook,
     CodebookError,
     VectorSample,
     expected_meta,
@@ -23,6 +29,7 @@ from quest.codebook import (
     save_codebook,
 )
 from quest.kmeans import assign_chunked, fit_kmeans, lloyd_refine
+from quest.models import build_model
 
 needs_faiss = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss not installed (quest[cpu])"
@@ -321,13 +328,13 @@ def test_codebook_expected_meta_from_recipe(tmp_path):
         }
     )
     (level,) = recipe.quest_levels()
-    expect = expected_meta(recipe, level)
+    expect = expected_meta(recipe, level, "no")
     assert expect["teacher_weights"].startswith("sha256:") and expect["size"] == 8
     save_codebook(level.codebook, torch.randn(8, 4), expect)
     assert load_codebook(level.codebook, expect=expect).meta["layer"] == "layer3"
     ckpt.write_bytes(b"weights v2")  # another teacher: the artifact must be refused
     with pytest.raises(CodebookError, match="teacher_weights"):
-        load_codebook(level.codebook, expect=expected_meta(recipe, level))
+        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
 
 
 def test_codebook_channels_mismatch(artifact):
@@ -367,6 +374,174 @@ def test_codebook_malformed_contents(tmp_path):
     )
     with pytest.raises(CodebookError, match="format"):
         load_codebook(other_format)
+
+
+def test_codebook_carries_the_content_hash_of_its_centroids(artifact):
+    path, centroids = artifact
+    want = hashlib.sha256(centroids.float().numpy().astype("<f4").tobytes()).hexdigest()
+    book = load_codebook(path)
+    assert book.meta["centroids_sha256"] == book.digest == want
+    assert Codebook(centroids.float(), {}).digest == want  # computed for a codebook built in memory
+    assert book.to("cpu").digest == want
+
+
+def test_codebook_with_a_flipped_byte_is_refused(artifact):
+    path, centroids = artifact
+    data = bytearray(path.read_bytes())
+    at = data.find(centroids.float().numpy().tobytes())
+    assert at >= 0  # torch.save stores the tensor's bytes as they are
+    data[at + 4] ^= 0x01  # the lowest mantissa bit of one word: still a finite number
+    path.write_bytes(bytes(data))
+    with pytest.raises(CodebookError, match="corrupt or altered") as info:
+        load_codebook(path)
+    assert str(path) in str(info.value) and "rebuild" in str(info.value)
+
+
+def test_codebook_of_the_previous_format_asks_for_a_rebuild(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save(
+        {"centroids": torch.randn(8, 4), "meta": {**META, "format": "quest-codebook/1"}}, old
+    )
+    with pytest.raises(CodebookError, match="quest-codebook/1") as info:
+        load_codebook(old)
+    assert "content hash" in str(info.value) and "python -m quest.codebook" in str(info.value)
+
+
+def quest_recipe(tmp_path, **codebook_keys):
+    ckpt = tmp_path / "teacher.pt"
+    if not ckpt.exists():
+        ckpt.write_bytes(b"weights")
+    return R.from_dict(
+        {
+            "seed": 0,
+            "teacher": {"arch": "resnet32x4", "checkpoint": str(ckpt), "layer": "layer3"},
+            "student": {"arch": "resnet8x4"},
+            "codebook": {"path": str(tmp_path / "cb.pt"), "size": 8, **codebook_keys},
+        }
+    )
+
+
+def test_codebook_built_with_another_seed_is_refused(tmp_path):
+    built_by = quest_recipe(tmp_path, seed=1)
+    (level,) = built_by.quest_levels()
+    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(built_by, level, "no"))
+    recipe = quest_recipe(tmp_path)  # codebook.seed = -1: the recipe's seed, 0
+    assert tuple(expected_meta(recipe, level, "no")) == MATCH_FIELDS
+    assert expected_meta(recipe, level, "no")["seed"] == 0
+    with pytest.raises(CodebookError) as info:
+        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
+    msg = str(info.value)
+    assert "seed = 1" in msg and "has 0" in msg and "codebook.seed" in msg
+    # the same seed, given either way, is accepted
+    for same in (quest_recipe(tmp_path, seed=1), R.from_dict({**R.to_dict(recipe), "seed": 1})):
+        assert load_codebook(level.codebook, expect=expected_meta(same, level, "no"))
+
+
+def test_codebook_feature_precision_is_recorded_and_checked(tmp_path):
+    recipe = quest_recipe(tmp_path)
+    (level,) = recipe.quest_levels()
+    assert expected_meta(recipe, level, "no")["feature_precision"] == "fp32"
+    assert expected_meta(recipe, level, "fp16")["feature_precision"] == "fp16"
+    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(recipe, level, "bf16"))
+    assert load_codebook(level.codebook, expect=expected_meta(recipe, level, "bf16"))
+    with pytest.raises(CodebookError, match="bf16") as info:
+        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
+    assert "run.precision = 'bf16'" in str(info.value)
+    # words from fp32 features serve a run at any precision
+    Path(level.codebook).unlink()
+    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(recipe, level, "no"))
+    assert load_codebook(level.codebook, expect=expected_meta(recipe, level, "bf16"))
+
+
+def test_save_codebook_never_replaces_an_existing_artifact(artifact):
+    path, centroids = artifact
+    before = path.read_bytes()
+    with pytest.raises(CodebookError, match="exists") as info:
+        save_codebook(path, centroids * 2, dict(META))
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == ["codebook.pt"]
+
+
+def test_atomic_write_without_overwrite_loses_a_race_cleanly(tmp_path):
+    target = tmp_path / "a.txt"
+
+    def write(tmp):
+        Path(tmp).write_text("mine")
+        target.write_text("theirs")  # another process publishes the same file meanwhile
+
+    with pytest.raises(FileExistsError):
+        atomic_write(target, write, overwrite=False)
+    assert target.read_text() == "theirs" and os.listdir(tmp_path) == ["a.txt"]
+    assert atomic_write(tmp_path / "b.txt", lambda t: Path(t).write_text("b"), overwrite=False)
+    assert (tmp_path / "b.txt").read_text() == "b" and sorted(os.listdir(tmp_path)) == [
+        "a.txt",
+        "b.txt",
+    ]
+
+
+def test_atomic_write_without_hard_links_still_never_overwrites(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = atomic_write(tmp_path / "a.txt", lambda t: Path(t).write_text("a"), overwrite=False)
+    assert path.read_text() == "a"
+    with pytest.raises(FileExistsError):
+        atomic_write(path, lambda t: Path(t).write_text("b"), overwrite=False)
+    assert path.read_text() == "a" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def untrained_teacher(tmp_path) -> Path:
+    """A resnet8 state dict for the synthetic task: features to cluster, no training needed."""
+    path = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet8", 4, 3).state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_ensure_codebooks_builds_only_the_missing_level(tmp_path):
+    recipe = tiny(tmp_path, "ml", method="quest", teacher=untrained_teacher(tmp_path))
+    recipe.write_text(
+        recipe.read_text()
+        + '[[levels]]\nteacher_layer = "layer2"\nstudent_layer = "layer2"\n'
+        + f'codebook = "{tmp_path / "cb_layer2.pt"}"\n'
+        + '[[levels]]\nteacher_layer = "layer3"\nstudent_layer = "layer3"\n'
+        + f'codebook = "{tmp_path / "cb_layer3.pt"}"\n'
+    )
+    r, accelerator, loaders = train.setup(str(recipe), [])
+    teacher = train.build_teacher(r, loaders, accelerator.device)
+    first = train.ensure_codebooks(r, teacher, accelerator)
+    layer2, layer3 = tmp_path / "cb_layer2.pt", tmp_path / "cb_layer3.pt"
+    kept = layer2.stat()
+    layer3.unlink()
+    second = train.ensure_codebooks(r, teacher, accelerator)
+    assert layer2.stat().st_ino == kept.st_ino and layer2.stat().st_mtime_ns == kept.st_mtime_ns
+    assert second[0].digest == first[0].digest
+    assert layer3.is_file() and second[1].centroids.shape == (16, 64)
+    assert second[1].digest == load_codebook(layer3).digest
+
+
+@pytest.mark.slow
+def test_codebook_stage_reuses_a_matching_artifact_and_never_overwrites(tmp_path, capsys):
+    recipe = tiny(tmp_path, "cb", method="quest", teacher=untrained_teacher(tmp_path))
+    path = tmp_path / "codebook.pt"
+    codebook.main([str(recipe)])
+    built = capsys.readouterr().out
+    before, data = path.stat(), path.read_bytes()
+    codebook.main([str(recipe)])
+    assert path.stat().st_ino == before.st_ino and path.read_bytes() == data
+    assert "built" in built and "reused" in capsys.readouterr().out
+    with pytest.raises(CodebookError, match="seed") as info:
+        codebook.main([str(recipe), "codebook.seed=1"])
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == data
+    # codebook.build = false (codebooks learned elsewhere): the stage does not build them either
+    other = tmp_path / "other.pt"
+    with pytest.raises(CodebookError, match=r"codebook\.build = false"):
+        codebook.main([str(recipe), "codebook.build=false", f"codebook.path={other}"])
+    assert not other.exists()
 
 
 # ------------------------------------------------------------------------------------ VectorSample
@@ -415,14 +590,23 @@ def test_vector_sample_without_replacement_and_take():
     assert sample.take(500).shape == (100, 2)  # asking for more gives the whole sample
 
 
-def test_vector_sample_capacity_zero_keeps_everything():
+@pytest.mark.parametrize("block_rows", [100_000, 64, 1])
+def test_vector_sample_capacity_zero_keeps_everything(monkeypatch, block_rows):
+    monkeypatch.setattr(VectorSample, "BLOCK_BYTES", block_rows * 2 * 4)  # rows of 2 float32
     sample = VectorSample(0, torch.Generator().manual_seed(4))
     batches = list(stream(777, 50, torch.Generator().manual_seed(5)))
-    for rows in batches:
+    for rows in batches[:5]:
+        sample.add(rows)
+    assert sample.rows.shape[0] == sum(len(b) for b in batches[:5])  # read midway: joined once
+    for rows in batches[5:]:
         sample.add(rows)
     assert sample.seen == 777
-    assert sorted(sample.rows[:, 0].tolist()) == list(range(777))
+    assert sample.rows[:, 0].tolist() == list(range(777))  # every row, in stream order
+    assert torch.equal(sample.rows[:, 1], -sample.rows[:, 0])
+    assert sample.keys.shape == (777,) and len(set(sample.keys.tolist())) == 777
     assert sorted(sample.take(777)[:, 0].tolist()) == list(range(777))
+    taken = sample.take(100)[:, 0]
+    assert torch.equal(taken, sample.rows[sample.keys.argsort()[:100], 0])
 
 
 def test_vector_sample_low_precision_rows_kept_as_float32():

@@ -61,6 +61,16 @@ def test_bench_step_runs_and_prints_the_ratio(tmp_path):
     )
 
 
+def test_bench_codebook_times_n_and_4n_and_prints_the_scaling():
+    lines = run_tool("bench_codebook.py", "--n", "20000", "--repeats", "1")
+    assert lines[-1].startswith("collect_scaling = ") and float(lines[-1].split("=")[1]) > 0
+    assert lines[-2].startswith("peak/kept = ") and float(lines[-2].split("=")[1].split()[0]) > 0
+    rows = [line.split() for line in lines if line.startswith(("N ", "4N "))]
+    assert [r[0] for r in rows] == ["N", "4N"]
+    assert [int(r[1].replace(",", "")) for r in rows] == [20000, 80000]
+    assert all(float(x) > 0 for r in rows for x in r[2:])
+
+
 def test_bench_data_times_every_side_on_the_same_images(tmp_path):
     args = "--images 48 --classes 3 --width 64 --height 48 --size 32 --batch 8 --workers 1"
     args += f" --repeats 1 --pil-shards --wds-tar --shard-size 20 --work {tmp_path}"

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from quest import artifacts  # noqa: E402
 from quest import recipe as recipes  # noqa: E402
+from quest.codebook import kmeans_seed  # noqa: E402
 
 METHODS = [  # (label, recipe file in --recipes)
     ("student alone", "student_alone.toml"),
@@ -111,6 +112,9 @@ def main(argv=None) -> None:
     quest_recipe = str(
         Path(args.recipes) / "quest.toml"
     )  # the teacher, codebook and K of the table
+    # Every seed reuses the one codebook: pin its k-means seed (codebook.seed = -1 follows the run's
+    # seed, and an artifact built with another seed is refused).
+    same_codebook = f"codebook.seed={kmeans_seed(recipes.load(quest_recipe, common))}"
     try:
         stage_s = prepare_teacher_and_codebook(quest_recipe, common, threads=cores)
     except RuntimeError as e:
@@ -123,7 +127,7 @@ def main(argv=None) -> None:
         summary_file = REPO / run_dir / "summary.json"
         if summary_file.exists():  # a finished run is reused: the table can be resumed
             return json.loads(summary_file.read_text())
-        overrides = [f"seed={seed}", f"run.dir={run_dir}", *common]
+        overrides = [f"seed={seed}", f"run.dir={run_dir}", *common, same_codebook]
         return train(recipe, overrides, threads=max(1, cores // args.jobs))
 
     jobs = [(recipe, seed) for _, recipe in methods for seed in range(args.seeds)]
