@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m quest.evaluate", description=__doc__)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--checkpoint", help="student weights (default: run.dir/student.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        help="student weights: a training checkpoint folder (run.dir/checkpoints/step_N), its "
+        "model.safetensors, or a state-dict file (default: run.dir/student.pt)",
+    )
     parser.add_argument("--teacher", action="store_true", help="evaluate the teacher instead")
     args = parser.parse_args(argv)
     recipe, accelerator, loaders = train.setup(args.recipe, args.overrides)
@@ -75,12 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
         model = train.build_teacher(recipe, loaders).model
         what = f"teacher {recipe.teacher.arch} ({recipe.teacher.checkpoint})"
     else:
+        from .checkpoint import backbone_weights
         from .models import build_model
-        from .student import load_state, load_strict
+        from .student import load_strict
 
         path = Path(args.checkpoint or Path(recipe.run.dir) / "student.pt")
         model = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
-        load_strict(model, load_state(path), str(path))
+        load_strict(model, backbone_weights(path), str(path))
         what = f"student {recipe.student.arch} ({path})"
     model = model.to(accelerator.device).eval()
     if recipe.run.channels_last:

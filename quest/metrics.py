@@ -13,11 +13,20 @@ from . import artifacts
 
 class MetricLogger:
     def __init__(
-        self, accelerator, run_dir: Path, recipe_dict: dict, wandb: bool, project: str, name: str
+        self,
+        accelerator,
+        run_dir: Path,
+        recipe_dict: dict,
+        wandb: bool,
+        project: str,
+        name: str,
+        wandb_after: int = -1,
     ):
+        """wandb_after: the last step an earlier attempt of this run logged; W&B already holds the
+        records up to it (the same values on a deterministic resume), so they are not sent twice."""
         self.accelerator, self.run_dir = accelerator, Path(run_dir)
         self.main = accelerator.is_main_process
-        self.wandb = wandb
+        self.wandb, self.wandb_after = wandb, wandb_after
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb:
@@ -51,14 +60,24 @@ class MetricLogger:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(format_line(record), flush=True)
-        if self.wandb:
+        if self.wandb and record.get("step", 0) > self.wandb_after:
             self.accelerator.log(
                 {f"{kind}/{k}" if k != "step" else k: v for k, v in record.items() if k != "kind"}
             )
 
     def close(self) -> None:
-        if self.wandb:
-            self.accelerator.end_training()
+        if not self.wandb:
+            return
+        self.accelerator.end_training()  # run.finish() on the main process
+        if self.main:
+            # run.finish() returns once W&B's service process (wandb-core) has acknowledged the exit
+            # record, but the service writes the run's last block of records (offline:
+            # run-ID.wandb) only when it closes the run's stream, on a finish request that the SDK
+            # sends without waiting. teardown() waits until the service has closed every stream and
+            # exited, so all records are on disk when the trainer returns.
+            import wandb
+
+            wandb.teardown()
 
 
 def _plain(v):
@@ -81,6 +100,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def drop_after(run_dir: Path, step: int) -> int:
+    """Remove the records of steps after `step` (a resumed run replays them) from metrics.jsonl;
+    returns the last step the file held before (-1 when none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = read_metrics(run_dir)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) < len(records):
+        artifacts.save_text("".join(json.dumps(r) + "\n" for r in kept), path)
+    return max((r.get("step", 0) for r in records), default=-1)
 
 
 def plot_curves(run_dir: Path) -> Path | None:

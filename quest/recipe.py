@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -40,7 +42,12 @@ class Run:
     dir: str = _f(
         "runs/default", "run directory: checkpoints, metrics.jsonl, summary.json, student.pt"
     )
-    precision: str = _f("no", "autocast precision of teacher and student", ("no", "bf16", "fp16"))
+    precision: str = _f(
+        "no",
+        "autocast precision of teacher and student; 'auto' = bf16 where the device runs it "
+        "natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32 ('no')",
+        ("auto", "no", "bf16", "fp16"),
+    )
     cpu: bool = _f(False, "force CPU even when CUDA is present (CPU multi-process runs use gloo)")
     channels_last: bool = _f(True, "channels_last memory format for conv nets (faster with bf16)")
     compile: bool = _f(False, "torch.compile teacher and student")
@@ -54,6 +61,11 @@ class Run:
     wandb_project: str = _f("quest", "W&B project name")
     max_steps: int = _f(
         0, "stop after this many optimizer steps (0 = the full schedule); for smoke runs"
+    )
+    timeout_minutes: float = _f(
+        5.0,
+        "a collective that does not complete in this time (a stuck or dead rank) ends the job; "
+        "the wait for k-means on rank 0 has its own, longer limit",
     )
 
 
@@ -327,8 +339,75 @@ def apply_overrides(table: dict, overrides: list[str]) -> dict:
     return table
 
 
+# Numeric keys that may be negative (a documented -1 meaning); every other number must be ≥ 0.
+SIGNED = frozenset({"codebook.seed", "teacher.min_top1"})
+
+
+def flat(recipe: Recipe) -> dict[str, Any]:
+    """Every key of the recipe with its value, flat ('optim.lr', 'levels[0].beta')."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(recipe).items():
+        if key == "levels":
+            for i, level in enumerate(value):
+                out.update({f"levels[{i}].{k}": v for k, v in level.items()})
+        elif isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _numbers(recipe: Recipe) -> dict[str, float]:
+    """Every number of the recipe, list items included ('optim.milestones[1]')."""
+    items = []
+    for key, value in flat(recipe).items():
+        items += (
+            [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else []
+        )
+        items.append((key, value))
+    return {k: v for k, v in items if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _check_archs(recipe: Recipe) -> None:
+    from .models import _TORCHVISION_ARCHS, canonical_arch
+
+    for key, arch in (("student.arch", recipe.student.arch), ("teacher.arch", recipe.teacher.arch)):
+        if key == "teacher.arch" and not recipe.uses_teacher:
+            continue
+        try:
+            canonical_arch(arch)
+        except ValueError as err:
+            raise RecipeError(f"'{key}': {err}") from None
+    source = recipe.teacher.checkpoint
+    if recipe.uses_teacher and source and not _looks_like_a_file(source):
+        name = canonical_arch(recipe.teacher.arch)
+        if name not in _TORCHVISION_ARCHS and not name.startswith("tv:"):
+            raise RecipeError(
+                f"'teacher.checkpoint' = {source!r} is not a file, and a torchvision weights name "
+                f"only exists for the torchvision archs ({sorted(_TORCHVISION_ARCHS)}, 'tv:<name>'), "
+                f"not {recipe.teacher.arch!r}: give the teacher's state-dict file (or set "
+                "teacher.recipe to train it first)"
+            )
+
+
+def _looks_like_a_file(source: str) -> bool:
+    return "/" in source or source.endswith((".pt", ".pth", ".bin")) or Path(source).exists()
+
+
 def _validate(recipe: Recipe) -> None:
     """Cross-field checks that no single type can express."""
+    for key, value in _numbers(recipe).items():
+        if not math.isfinite(value):
+            raise RecipeError(f"'{key}' must be a finite number, got {value}")
+        if value < 0 and key not in SIGNED:
+            raise RecipeError(f"'{key}' must not be negative, got {value}")
+    if recipe.data.num_classes == 1:
+        raise RecipeError(
+            "'data.num_classes' = 1 leaves nothing to classify: use 0 (the dataset's "
+            "own count) or at least 2"
+        )
+    if Path(recipe.run.dir).exists() and not Path(recipe.run.dir).is_dir():
+        raise RecipeError(f"'run.dir' = {recipe.run.dir!r} is an existing file, not a directory")
     positive = {
         "data.batch_size": recipe.data.batch_size,
         "optim.epochs": recipe.optim.epochs,
@@ -341,6 +420,10 @@ def _validate(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"'{key}' must be positive, got {value}")
+    if not recipe.run.timeout_minutes > 0:
+        raise RecipeError(
+            f"'run.timeout_minutes' must be positive, got {recipe.run.timeout_minutes}"
+        )
     if recipe.optim.lr <= 0:
         raise RecipeError(f"'optim.lr' must be positive, got {recipe.optim.lr}")
     if recipe.optim.nesterov and recipe.optim.momentum <= 0:
@@ -363,6 +446,7 @@ def _validate(recipe: Recipe) -> None:
         )
     if not recipe.student.arch:
         raise RecipeError("'student.arch' is required (see quest.models.ARCHS)")
+    _check_archs(recipe)
     if recipe.uses_quest:
         for i, level in enumerate(recipe.quest_levels()):
             if not level.codebook:
@@ -397,6 +481,48 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
     return from_dict(table, str(path))
+
+
+# --------------------------------------------------------------------------------------- identity
+
+# Keys a resumed run may change: where and how it runs, not what it computes. Every other key must
+# equal the checkpoint's; the teacher and codebook files are compared by content, not by path.
+LOGISTICS = frozenset(
+    {
+        "name",
+        "run.dir",
+        "run.cpu",
+        "run.compile",
+        "run.channels_last",
+        "run.log_every",
+        "run.save_every",
+        "run.save_minutes",
+        "run.keep_checkpoints",
+        "run.eval_every",
+        "run.wandb",
+        "run.wandb_project",
+        "run.max_steps",
+        "run.timeout_minutes",
+        "data.root",
+        "data.num_workers",
+        "data.eval_batch_size",
+        "data.train_shards",
+        "data.val_shards",
+        "data.shard_index",
+        "teacher.checkpoint",
+        "teacher.recipe",
+        "teacher.min_top1",
+        "codebook.path",
+        "codebook.build",
+        "codebook.gpu",
+        "levels.codebook",
+    }
+)
+
+
+def math_fields(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's keys that change what a run computes, flat ('optim.lr', 'levels[0].beta')."""
+    return {k: v for k, v in flat(recipe).items() if re.sub(r"\[\d+\]", "", k) not in LOGISTICS}
 
 
 # --------------------------------------------------------------------------------------- writing

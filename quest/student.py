@@ -22,17 +22,25 @@ def tap(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Register forward hooks storing the outputs of the named submodules in the returned dict
     (overwritten at every forward)."""
     maps: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
     for name in names:
-        if name not in modules:
-            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-            raise ModelError(f"{type(model).__name__} has no layer '{name}' (close: {close})")
 
         def hook(_module, _inputs, output, name=name):
             maps[name] = output
 
-        modules[name].register_forward_hook(hook)
+        submodule(model, name).register_forward_hook(hook)
     return maps
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """The module at `name`, or a ModelError naming the close matches."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        raise ModelError(
+            f"{type(model).__name__} has no layer '{name}' (close: {close}); set the recipe's layer "
+            "key to a module path of the model"
+        )
+    return modules[name]
 
 
 def pool_map(fmap: torch.Tensor, pool: int) -> torch.Tensor:
@@ -49,8 +57,11 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelError(f"cannot read checkpoint {path}: {err}") from None
+    except Exception as err:  # torch's own text advises weights_only=False: never repeat it
+        raise ModelError(
+            f"cannot read checkpoint {path} ({type(err).__name__}): not a plain tensor state dict, "
+            "or a damaged file; quest loads weights only and never unpickles arbitrary objects"
+        ) from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -172,7 +183,7 @@ def map_shapes(
     model.eval()
     maps = {}
     handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
+        submodule(model, n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o))
         for n in layers
     ]
     try:

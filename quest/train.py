@@ -27,9 +27,16 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
-from . import artifacts, checkpoint
+from . import artifacts, checkpoint, distributed, metrics
 from . import recipe as recipes
-from .codebook import Codebook, CodebookError, build_codebooks, expected_meta, load_codebook
+from .codebook import (
+    Codebook,
+    CodebookError,
+    build_codebooks,
+    expected_meta,
+    load_codebook,
+    teacher_weights_id,
+)
 from .data import DataError, Loaders, build_loaders, feature_loader
 from .evaluate import evaluate
 from .losses import (
@@ -66,17 +73,21 @@ class TrainingError(RuntimeError):
 
 def make_accelerator(run: recipes.Run) -> Accelerator:
     """The recipe is the single source of truth: explicit arguments beat the launcher's environment."""
+    use_cuda = torch.cuda.is_available() and not run.cpu
+    precision, why = resolve_precision(run.precision, use_cuda)
     accelerator = Accelerator(
-        mixed_precision=run.precision,
+        mixed_precision=precision,
         cpu=run.cpu,
         log_with="wandb" if run.wandb else None,
-        # k-means runs on rank 0 alone: the other ranks must wait for it without timing out.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))],
+        # Bounds every collective; the k-means wait has its own longer limit (quest.distributed).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=run.timeout_minutes))],
     )
-    if run.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+    if run.precision == "auto" and accelerator.is_main_process:
+        print(f"precision: auto -> {precision} ({why})", flush=True)
+    if precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn(
             "run.precision = 'bf16' on a CPU without native bf16 (AVX512-BF16/AMX): autocast is emulated "
-            "and was ~10x slower than fp32 on such a CPU; set run.precision = 'no'",
+            "and was ~10x slower than fp32 on such a CPU; set run.precision = 'auto' or 'no'",
             stacklevel=2,
         )
     expected = int(os.environ.get("WORLD_SIZE", 1))
@@ -85,19 +96,41 @@ def make_accelerator(run: recipes.Run) -> Accelerator:
             f"{expected} processes were launched but Accelerate sees {accelerator.num_processes}: on a "
             "CPU-only machine use `accelerate launch --multi_gpu --num_processes N` with run.cpu = true"
         )
+    distributed.init(accelerator.num_processes)
     return accelerator
 
 
-def cpu_has_native_bf16() -> bool:
+def resolve_precision(requested: str, cuda: bool) -> tuple[str, str]:
+    """run.precision 'auto': bf16 where the device computes it natively, else fp32 ('no').
+    Returns the precision and why."""
+    if requested != "auto":
+        return requested, "the recipe's"
+    if cuda:
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "CUDA device with bf16"
+        return "no", "CUDA device without bf16"
+    if cpu_has_native_bf16():
+        return "bf16", "CPU with native bf16: AVX512-BF16 or AMX"
+    return "no", "CPU without AVX512-BF16/AMX, where bf16 is emulated and slower than fp32"
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AVX512-BF16 or AMX: bf16 autocast about 2x faster than fp32 (measured); without them
+    (AVX2 alone) it is emulated, about 10x slower."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        flags = Path(cpuinfo).read_text().split()
+    except OSError:  # not Linux: ask oneDNN
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def setup(path: str, overrides: list[str]) -> tuple[Recipe, Accelerator, Loaders]:
     recipe = recipes.load(path, overrides)
     accelerator = make_accelerator(recipe.run)
+    check_batch_split(recipe.data.batch_size, recipe.run.grad_accum, accelerator.num_processes)
     set_seed(recipe.seed, device_specific=False)
     loaders = build_loaders(
         recipe.data,
@@ -108,6 +141,17 @@ def setup(path: str, overrides: list[str]) -> tuple[Recipe, Accelerator, Loaders
         device=accelerator.device,
     )
     return recipe, accelerator, loaders
+
+
+def check_batch_split(batch_size: int, grad_accum: int, processes: int) -> None:
+    """The global batch splits into equal per-process batches, each into grad_accum equal
+    micro-batches: an uneven split would leave the ranks' gradients unsynchronised."""
+    if batch_size % (processes * grad_accum):
+        raise recipes.RecipeError(
+            f"data.batch_size = {batch_size} does not split into run.grad_accum = {grad_accum} "
+            f"equal micro-batches on each of {processes} processes: use a multiple of "
+            f"{processes * grad_accum}"
+        )
 
 
 def teacher_layers(recipe: Recipe) -> tuple[list[str], list[int]]:
@@ -166,26 +210,40 @@ def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, acce
             f"{result['top1']:.1f}% top-1 on {result['count']} evaluation images (floor {floor:.1f}%): "
             "wrong or untrained weights? Set teacher.min_top1 = 0 to skip this check"
         )
+    if accelerator.is_main_process:
+        print(
+            f"teacher check: {result['top1']:.1f} % top-1 on {result['count']} images "
+            f"(floor {floor:.1f} %)",
+            flush=True,
+        )
     return result["top1"]
 
 
-def ensure_codebooks(
-    recipe: Recipe, teacher: FrozenTeacher, accelerator, rebuild: bool = False
-) -> list[Codebook]:
-    """Reuse each level's artifact when present and made for this teacher/layer/pool/K, else build all."""
+def ensure_codebooks(recipe: Recipe, teacher: FrozenTeacher, accelerator) -> list[Codebook]:
+    """Each level's codebook: an existing artifact is loaded and must match this recipe (teacher,
+    layer, pool, K, seed, feature precision); only the missing ones are built, in one teacher pass.
+    An artifact is never rebuilt or overwritten: to rebuild one, delete it."""
     levels = recipe.quest_levels()
     layers, _ = teacher_layers(recipe)
     resolved = [
         recipes.Level(**{**vars(lv), "teacher_layer": layer}) for lv, layer in zip(levels, layers)
     ]
     recipe = recipes.Recipe(**{**vars(recipe), "levels": resolved})
-    if not rebuild and all(Path(lv.codebook).is_file() for lv in resolved):
-        return [load_codebook(lv.codebook, expected_meta(recipe, lv)) for lv in resolved]
-    if not rebuild and not recipe.codebook.build:
-        missing = [lv.codebook for lv in resolved if not Path(lv.codebook).is_file()]
+    # Existing artifacts are validated first: a mismatch fails before any teacher pass.
+    books = [
+        load_codebook(lv.codebook, expected_meta(recipe, lv, accelerator.mixed_precision))
+        if Path(lv.codebook).is_file()
+        else None
+        for lv in resolved
+    ]
+    missing = [i for i, book in enumerate(books) if book is None]
+    if not missing:
+        return books
+    if not recipe.codebook.build:
         raise CodebookError(
-            f"codebook.build = false and {missing} do not exist: build them first with "
-            "`python -m quest.codebook` on the recipe that defines them (the recipe header says which)"
+            f"codebook.build = false and {[resolved[i].codebook for i in missing]} do not exist: "
+            "build them first with `python -m quest.codebook` on the recipe that defines them (the "
+            "recipe header says which)"
         )
     loader = feature_loader(
         recipe.data,
@@ -195,19 +253,28 @@ def ensure_codebooks(
         max_images=recipe.codebook.max_images,
         device=accelerator.device,
     )
-    return build_codebooks(recipe, teacher, accelerator, loader)
+    for i, book in zip(missing, build_codebooks(recipe, teacher, accelerator, loader, missing)):
+        books[i] = book
+    return books
 
 
-def check_map_sizes(recipe: Recipe, loaders: Loaders, teacher_shapes) -> None:
-    """Teacher and student maps of every level must share H×W: checked before any k-means runs."""
-    probe = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
+def check_models(recipe: Recipe, loaders: Loaders) -> None:
+    """Layers exist and teacher and student maps of every level share H×W: checked on randomly
+    initialised models before anything costly (training a teacher, k-means) runs."""
+    student = build_model(recipe.student.arch, loaders.num_classes, loaders.in_channels)
+    if not recipe.uses_quest:
+        return
     layers = student_layers(recipe)
-    shapes = map_shapes(probe, layers, loaders.in_channels, loaders.image_size)
-    for i, (layer, s_shape, t_shape) in enumerate(zip(layers, shapes, teacher_shapes)):
+    shapes = map_shapes(student, layers, loaders.in_channels, loaders.image_size)
+    teacher = build_model(recipe.teacher.arch, loaders.num_classes, loaders.in_channels)
+    t_layers, pools = teacher_layers(recipe)
+    t_shapes = map_shapes(teacher, t_layers, loaders.in_channels, loaders.image_size)
+    for i, (layer, s_shape, (c, h, w), p) in enumerate(zip(layers, shapes, t_shapes, pools)):
+        t_shape = (c, h // p, w // p)
         if s_shape[1:] != t_shape[1:]:
             raise ModelError(
                 f"level {i}: student map {layer} is {tuple(s_shape)} (C×H×W) but the teacher map is "
-                f"{tuple(t_shape)}: the H×W must agree — set teacher.pool (e.g. 2 for a 2× smaller "
+                f"{t_shape}: the H×W must agree — set teacher.pool (e.g. 2 for a 2× smaller "
                 "student map) or choose other layers"
             )
 
@@ -291,10 +358,16 @@ def train_step(
     accum,
     clip,
 ):
-    """One optimizer step over `accum` micro-batches (gradient sync on the last one only).
+    """One optimizer step over `accum` equal micro-batches (gradient sync on the last one only).
     Returns the last micro-batch's (loss, parts, scores, targets) and the gradient norm, all on device:
     no host sync here. tools/bench_step.py times exactly this function."""
-    for i, (x, y) in enumerate(zip(images.chunk(accum), labels.chunk(accum))):
+    # split, not chunk: chunk(n) may return fewer than n pieces, and then no micro-batch would sync.
+    if images.shape[0] % accum:
+        raise TrainingError(
+            f"a batch of {images.shape[0]} does not split into {accum} micro-batches"
+        )
+    micro = images.shape[0] // accum
+    for i, (x, y) in enumerate(zip(images.split(micro), labels.split(micro))):
         with nullcontext() if i == accum - 1 else accelerator.no_sync(student):
             loss, parts, scores, targets = distill_loss(
                 student, teacher, codebooks, levels, distill, x, y, accelerator.autocast
@@ -314,49 +387,95 @@ def main(argv: list[str] | None = None) -> dict:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return {}
-    t_start = time.time()
-    pre = recipes.load(argv[0], argv[1:])
-    if pre.uses_teacher and pre.teacher.recipe and not Path(pre.teacher.checkpoint).exists():
-        # No teacher file yet: train it with teacher.recipe (unless done) and use its student.pt.
-        trained = Path(recipes.load(pre.teacher.recipe).run.dir) / "student.pt"
-        if not trained.exists():
-            main([pre.teacher.recipe])
-            # Its loader iterators are cyclic garbage now: collect them before this run's loaders
-            # fork workers, or a worker's gc collects them and tries to stop workers not its own.
-            gc.collect()
-        argv = [*argv, f"teacher.checkpoint={json.dumps(str(trained))}"]
-    recipe, accelerator, loaders = setup(argv[0], argv[1:])
-    run, dcfg = recipe.run, recipe.distill
+    recipe, accelerator, loaders = setup(argv[0], argv[1:])  # every load-time check first
+    check_models(recipe, loaders)
+    with distributed.bounded(recipe.run.timeout_minutes, accelerator.process_index):
+        if (
+            recipe.uses_teacher
+            and recipe.teacher.recipe
+            and not Path(recipe.teacher.checkpoint).exists()
+        ):
+            trained = train_teacher(recipe, argv[1:], accelerator)
+            recipe = recipes.load(argv[0], [*argv[1:], f"teacher.checkpoint={json.dumps(trained)}"])
+        return train(recipe, accelerator, loaders)
+
+
+# Overrides that reach a teacher trained through teacher.recipe: where and how it runs. The
+# student's model, method, schedule and run.dir are its own.
+TEACHER_OVERRIDES = (
+    "run.cpu",
+    "run.precision",
+    "run.channels_last",
+    "run.compile",
+    "run.timeout_minutes",
+    "run.wandb",
+    "run.wandb_project",
+    "data.root",
+    "data.num_workers",
+)
+
+
+def train_teacher(recipe: Recipe, overrides: list[str], accelerator) -> str:
+    """Train the teacher with teacher.recipe unless its run has finished; returns its student.pt.
+    It runs in this process with the student's device and precision (one Accelerate state)."""
+    passed = [o for o in overrides if o.split("=", 1)[0].strip() in TEACHER_OVERRIDES]
+    passed += [
+        f"run.cpu={json.dumps(recipe.run.cpu)}",
+        f"run.precision={json.dumps(recipe.run.precision)}",
+    ]
+    teacher_recipe = recipes.load(recipe.teacher.recipe, passed)
+    trained = Path(teacher_recipe.run.dir) / "student.pt"
+    if not trained.exists():
+        if accelerator.is_main_process:
+            print(
+                f"teacher {recipe.teacher.checkpoint} missing: training it with "
+                f"{recipe.teacher.recipe} -> {trained}",
+                flush=True,
+            )
+        _, _, loaders = setup(recipe.teacher.recipe, passed)
+        train(teacher_recipe, accelerator, loaders)
+        del loaders
+        # Its loader iterators are cyclic garbage now: collect them before this run's loaders
+        # fork workers, or a worker's gc collects them and tries to stop workers not its own.
+        gc.collect()
+    return str(trained)
+
+
+def train(recipe: Recipe, accelerator: Accelerator, loaders: Loaders) -> dict:
+    run, dcfg, o = recipe.run, recipe.distill, recipe.optim
     run_dir, device = Path(run.dir), accelerator.device
     main_proc = accelerator.is_main_process
-    log = MetricLogger(
-        accelerator, run_dir, recipes.to_dict(recipe), run.wandb, run.wandb_project, recipe.name
-    )
-    if main_proc:
-        artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
-        artifacts.save_json(recipes.to_dict(recipe), run_dir / "recipe.json")
-        artifacts.save_json(
-            {**artifacts.provenance(), "world_size": accelerator.num_processes},
-            run_dir / "env.json",
-        )
     memory = torch.channels_last if run.channels_last else torch.contiguous_format
 
-    teacher, codebooks, teacher_top1 = None, [], float("nan")
+    # A run.dir with checkpoints must hold this very run: checked before anything is written there.
+    distributed.stage("the checkpoint scan")
+    found = checkpoint.candidates(accelerator, run_dir)
+    # run.precision 'auto' may resolve differently on another machine: the resolved one counts.
+    identity = {
+        "recipe": {**recipes.math_fields(recipe), "run.precision": accelerator.mixed_precision}
+    }
+    if recipe.uses_teacher:
+        identity["recipe"]["teacher.weights"] = teacher_weights_id(recipe.teacher.checkpoint)
+    check_same_run(accelerator, found, identity, run_dir)
+
+    teacher, codebooks = None, []
     levels = recipe.quest_levels() if recipe.uses_quest else []
     if recipe.uses_teacher:
+        distributed.stage("the teacher check")
         teacher = build_teacher(recipe, loaders, device)
         teacher.model.to(memory_format=memory)
-        teacher_top1 = check_teacher(recipe, teacher, loaders, accelerator)
+        check_teacher(recipe, teacher, loaders, accelerator)
     teacher_shapes = []
     if recipe.uses_quest:
         teacher_shapes = teacher.map_shapes(loaders.in_channels, loaders.image_size)
-        check_map_sizes(recipe, loaders, teacher_shapes)
+        distributed.stage("the codebook stage")
         codebooks = [cb.to(device) for cb in ensure_codebooks(recipe, teacher, accelerator)]
+        identity["codebooks"] = {f"level {i} sha256": cb.digest for i, cb in enumerate(codebooks)}
+        check_same_run(accelerator, found, identity, run_dir)
     torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
     student = build_student(recipe, loaders, codebooks, teacher_shapes).to(
         device, memory_format=memory
     )
-    o = recipe.optim
     base_lr = o.lr * recipe.data.batch_size / o.lr_batch if o.lr_batch else o.lr
     optimizer = torch.optim.SGD(
         student.parameters(),
@@ -370,27 +489,54 @@ def main(argv: list[str] | None = None) -> dict:
         if teacher is not None:
             teacher.model = torch.compile(teacher.model)
     student, optimizer = accelerator.prepare(student, optimizer)
-    state = checkpoint.LoopState()
-    accelerator.register_for_checkpointing(state)
-    resume = checkpoint.resume_point(accelerator, run_dir)
-    if resume:
-        accelerator.load_state(resume)
-        if main_proc:
-            print(f"resumed from {resume} (step {state.step}, epoch {state.epoch})", flush=True)
+    distributed.stage("loading the checkpoint")
+    resumed = checkpoint.resume(accelerator, found)
+    state = resumed[0] if resumed else checkpoint.LoopState()
+
+    # Checks passed: from here on the run directory is written.
+    logged_until = -1
+    if main_proc:
+        if resumed:
+            print(f"resumed from {resumed[1]} (step {state.step}, epoch {state.epoch})", flush=True)
+        # Records past the checkpoint are replayed by this attempt: drop them so no step is there twice.
+        logged_until = metrics.drop_after(run_dir, state.step)
+        artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
+        artifacts.save_json(recipes.to_dict(recipe), run_dir / "recipe.json")
+        artifacts.save_json(
+            {
+                **artifacts.provenance(),
+                "world_size": accelerator.num_processes,
+                "precision": accelerator.mixed_precision,
+            },
+            run_dir / "env.json",
+        )
+    log = MetricLogger(
+        accelerator,
+        run_dir,
+        recipes.to_dict(recipe),
+        run.wandb,
+        run.wandb_project,
+        recipe.name,
+        wandb_after=logged_until,
+    )
 
     spe = loaders.train_batches.batches_per_epoch
     total_steps = o.epochs * spe if not run.max_steps else min(run.max_steps, o.epochs * spe)
-    accum = run.grad_accum
     sums: dict[str, torch.Tensor] = {}
     bad_step = torch.tensor(-1, device=device)
-    diag: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
     t_log, n_log, t_save = time.time(), 0, time.time()
+    t_attempt, train_s_before, skipped_before = (
+        time.time(),
+        state.train_s,
+        state.skipped_train_samples,
+    )
     stop_path = run_dir / STOP_FILE
 
     def save_checkpoint():
         check_finite(bad_step)
-        checkpoint.save(accelerator, run_dir, state, run.keep_checkpoints)
+        state.train_s = round(train_s_before + time.time() - t_attempt, 1)
+        state.skipped_train_samples = skipped_before + skipped(loaders, accelerator)
+        checkpoint.save(accelerator, run_dir, state, identity, run.keep_checkpoints)
 
     stopped = False
     while state.step < total_steps and not stopped:
@@ -405,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
             leave=False,
         )
         for images, labels in loaders.train:
+            distributed.stage(f"training step {state.step + 1}")
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory)
             labels = labels.to(device, non_blocking=True)
             lr = lr_at(state.step, o, spe, base_lr)
@@ -420,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
                 accelerator,
                 images,
                 labels,
-                accum,
+                run.grad_accum,
                 o.clip_grad,
             )
             bad_step = torch.where(
@@ -434,18 +581,22 @@ def main(argv: list[str] | None = None) -> dict:
             n_log += 1
             bar.update(1)
             last_step = state.step == total_steps
+            end_of_epoch = state.batch_in_epoch >= spe
             if state.step % run.log_every == 0 or last_step:
+                distributed.stage(f"logging at step {state.step}")
                 check_finite(bad_step)
                 values = {
                     k: float(accelerator.reduce(v.detach().float(), "mean")) / n_log
                     for k, v in sums.items()
                 }
                 if scores:
-                    diag = {
+                    state.diagnostics = {
                         k: float(accelerator.reduce(v, "mean"))
                         for k, v in word_diagnostics(scores[0], targets[0]).items()
                     }
-                    diag["gamma"] = float(accelerator.unwrap_model(student).heads[0].gamma.detach())
+                    state.diagnostics["gamma"] = float(
+                        accelerator.unwrap_model(student).heads[0].gamma.detach()
+                    )
                 elapsed = time.time() - t_log
                 log.log(
                     {
@@ -453,19 +604,55 @@ def main(argv: list[str] | None = None) -> dict:
                         "epoch": epoch,
                         "lr": lr,
                         **values,
-                        **diag,
+                        **state.diagnostics,
                         "img_per_s": n_log * recipe.data.batch_size / max(elapsed, 1e-9),
                     }
                 )
                 sums, n_log, t_log = {}, 0, time.time()
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+            if last_step or (end_of_epoch and state.epoch % run.eval_every == 0):
+                distributed.stage(f"the evaluation at step {state.step}")
+                t_eval = time.time()
+                student.eval()
+                state.last_eval = evaluate(
+                    _logits_only(student),
+                    loaders.eval,
+                    accelerator,
+                    channels_last=run.channels_last,
+                )
+                student.train()
+                state.best_top1 = max(state.best_top1, state.last_eval["top1"])
+                n_skipped = skipped_before + skipped(loaders, accelerator)
+                log.log(
+                    {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        **state.last_eval,
+                        "best_top1": state.best_top1,
+                        "eval_s": time.time() - t_eval,
+                        **({"skipped_train_samples": n_skipped} if n_skipped else {}),
+                    },
+                    kind="eval",
+                )
+                t_log += time.time() - t_eval  # throughput excludes evaluation
+            if last_step and teacher is not None and recipe.teacher.min_top1 != 0:
+                distributed.stage("the teacher's full evaluation")
+                state.teacher_top1 = evaluate(
+                    teacher.model, loaders.eval, accelerator, channels_last=run.channels_last
+                )["top1"]
             stop_now = timed = False
             if state.step % 10 == 0 or last_step:
+                distributed.stage(f"the STOP-file poll at step {state.step}")
                 stop_now, timed = poll(accelerator, stop_path, t_save, run.save_minutes)
             if (
                 stop_now
                 or timed
-                or (run.save_every and state.step % run.save_every == 0 and not last_step)
+                or last_step
+                or (run.save_every and state.step % run.save_every == 0)
+                or (not run.save_every and end_of_epoch)
             ):
+                distributed.stage(f"the checkpoint at step {state.step}")
                 save_checkpoint()
                 t_save = time.time()
             if stop_now:
@@ -480,59 +667,32 @@ def main(argv: list[str] | None = None) -> dict:
             if last_step:
                 break
         bar.close()
-        if stopped:
-            break
-        if state.batch_in_epoch >= spe or state.step == total_steps:
-            finished_epoch = state.batch_in_epoch >= spe
-            if finished_epoch:
-                state.epoch, state.batch_in_epoch = epoch + 1, 0
-            last = state.step == total_steps
-            if last or (finished_epoch and state.epoch % run.eval_every == 0):
-                t_eval = time.time()
-                student.eval()
-                last_eval = evaluate(
-                    _logits_only(student),
-                    loaders.eval,
-                    accelerator,
-                    channels_last=run.channels_last,
-                )
-                state.best_top1 = max(state.best_top1, last_eval["top1"])
-                n_skipped = skipped(loaders, accelerator)
-                log.log(
-                    {
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        **last_eval,
-                        "best_top1": state.best_top1,
-                        "eval_s": time.time() - t_eval,
-                        **({"skipped_train_samples": n_skipped} if n_skipped else {}),
-                    },
-                    kind="eval",
-                )
-                t_log += time.time() - t_eval  # throughput excludes evaluation
-            if not run.save_every or last:
-                save_checkpoint()
-                t_save = time.time()
 
     summary = {}
-    if not stopped and not last_eval:  # resumed a run that had already finished
-        student.eval()
-        last_eval = evaluate(
-            _logits_only(student), loaders.eval, accelerator, channels_last=run.channels_last
-        )
     if not stopped:
-        if (
-            teacher is not None and recipe.teacher.min_top1 != 0
-        ):  # full-set accuracy for the summary
-            teacher_top1 = evaluate(
-                teacher.model, loaders.eval, accelerator, channels_last=run.channels_last
-            )["top1"]
-        summary = finish(
-            recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start
-        )
+        distributed.stage("the summary")
+        summary = finish(recipe, accelerator, student, state, loaders)
     log.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_same_run(accelerator, found: list[str], identity: dict, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint made by another run (its math fields or artifacts differ)."""
+    if not found:
+        return
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            problem = checkpoint.identity_mismatch(checkpoint.read_identity(found[0]), identity)
+        except (OSError, ValueError) as err:
+            problem = f"its {checkpoint.IDENTITY} is unreadable ({err})"
+    problem = checkpoint.broadcast(accelerator, problem)
+    if problem:
+        raise checkpoint.CheckpointError(
+            f"run.dir {run_dir} holds a checkpoint of another run ({problem}): resuming would mix "
+            "two runs; use a new run.dir (or put those values back to resume)"
+        )
 
 
 def _logits_only(student):
@@ -571,27 +731,28 @@ def poll(accelerator, stop_path: Path, t_save: float, save_minutes: float) -> tu
     return bool(flags[0]), bool(flags[1])
 
 
-def finish(
-    recipe, accelerator, student, state, last_eval, diag, teacher_top1, loaders, t_start
-) -> dict:
+def finish(recipe, accelerator, student, state: checkpoint.LoopState, loaders) -> dict:
+    """summary.json, student.pt, curves.png and the table, from the final checkpoint's state alone:
+    a run re-entered after it finished writes the same summary."""
     run_dir = Path(recipe.run.dir)
+    model = accelerator.unwrap_model(student)
+    check_ranks_agree(model, accelerator)
     summary = {
         "name": recipe.name,
         "method": recipe.distill.method,
-        "top1": last_eval.get("top1"),
-        "top5": last_eval.get("top5"),
+        "top1": state.last_eval.get("top1"),
+        "top5": state.last_eval.get("top5"),
         "best_top1": state.best_top1,
-        "teacher_top1": teacher_top1,
+        "teacher_top1": state.teacher_top1,
         "steps": state.step,
         "epochs": state.epoch,
         "world_size": accelerator.num_processes,
-        "eval_count": last_eval.get("count"),
-        "skipped_train_samples": skipped(loaders, accelerator),
-        "wall_s": round(time.time() - t_start, 1),
-        **{f"final_{k}": v for k, v in diag.items()},
+        "eval_count": state.last_eval.get("count"),
+        "skipped_train_samples": state.skipped_train_samples,
+        "wall_s": state.train_s,
+        **{f"final_{k}": v for k, v in state.diagnostics.items()},
     }
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(student)
         meta = {
             "arch": recipe.student.arch,
             "num_classes": loaders.num_classes,
@@ -600,15 +761,30 @@ def finish(
             "summary": summary,
         }
         checkpoint.export_student(run_dir / "student.pt", model.backbone, model.heads, meta)
-        artifacts.save_json(summary, run_dir / "summary.json")
+        artifacts.save_text(checkpoint.plain_json(summary) + "\n", run_dir / "summary.json")
         plot_curves(run_dir)
         print(summary_table(summary, recipe), flush=True)
     return summary
 
 
+def check_ranks_agree(model: torch.nn.Module, accelerator) -> None:
+    """Every rank must end with the same weights (a missed gradient sync leaves them apart)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    weights = torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device)
+    checksum = torch.stack([flat.sum(), (flat * weights).sum()])[None]
+    gathered = accelerator.gather(checksum)
+    if not (gathered == gathered[0]).all():
+        raise TrainingError(
+            f"the ranks ended with different weights (checksums {gathered[:, 0].tolist()}): their "
+            "gradients were not synchronised; please report this with the recipe"
+        )
+
+
 def summary_table(summary: dict, recipe: Recipe) -> str:
     rows = []
-    if summary["teacher_top1"] == summary["teacher_top1"]:  # not NaN: a teacher was used
+    if summary["teacher_top1"] is not None:  # a teacher was used
         rows.append((f"teacher {recipe.teacher.arch}", f"{summary['teacher_top1']:.2f}"))
     rows.append((f"student {recipe.student.arch} ({summary['method']})", f"{summary['top1']:.2f}"))
     if "final_perplexity" in summary:
@@ -630,6 +806,8 @@ def summary_table(summary: dict, recipe: Recipe) -> str:
 
 USER_ERRORS = (
     recipes.RecipeError,
+    checkpoint.CheckpointError,
+    distributed.CollectiveTimeout,
     DataError,
     ModelError,
     CodebookError,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(module: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return launch_script("-m", module, *args, processes=processes)
+
+
+def launch_script(*args, processes: int = 2) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -39,9 +44,7 @@ def launch(module: str, *args: str, processes: int = 2) -> subprocess.CompletedP
         "no",
         "--main_process_port",
         "0",
-        "-m",
-        module,
-        *args,
+        *map(str, args),
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -73,6 +76,25 @@ def test_two_processes_train_quest_and_evaluate_every_sample_once(tmp_path, trai
     assert result_two["count"] == result_one["count"] == 64
     assert result_two["top1"] == pytest.approx(result_one["top1"])
     assert result_two["loss"] == pytest.approx(result_one["loss"], rel=1e-5)
+
+
+def test_two_processes_train_the_teacher_first_with_cpu_given_as_an_override(tmp_path):
+    """The README's `accelerate launch --multi_gpu --num_processes 2 ... run.cpu=true` on a recipe
+    whose teacher is trained first: the override reaches the teacher run too."""
+    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1)
+    recipe = tiny(
+        tmp_path,
+        "s",
+        method="kd",
+        teacher=tmp_path / "missing.pt",
+        optim__epochs=1,
+        teacher__recipe=str(teacher_recipe),
+        teacher__min_top1=0.0,
+    )
+    out = launch("quest.train", str(recipe), "run.cpu=true")
+    assert (tmp_path / "s" / "summary.json").exists(), out.stderr[-3000:]
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["world_size"] == 2
 
 
 def test_two_processes_two_workers_each_stream_shards(tmp_path, trained_teacher):
@@ -142,3 +164,107 @@ def test_distributed_lloyd_equals_pooled_lloyd(tmp_path):
     torch.testing.assert_close(centroids, pooled, rtol=1e-5, atol=1e-5)
     assert history == pytest.approx(pooled_history, rel=1e-6)
     assert min(history) <= history[0]  # never worse than its seed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_net() -> torch.nn.Module:
+    """No batch statistics: a rank's gradient depends on its own samples only."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+
+
+def _accum_rank(rank: int, world: int, port: int, images, labels, accum: int, out) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        ACCELERATE_USE_CPU="1",
+    )
+    from accelerate import Accelerator
+
+    from quest import recipe, train
+    from quest.student import Student
+
+    accelerator = Accelerator(cpu=True)
+    student = Student(_tiny_net(), [], [])
+    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)  # the step is minus the gradient
+    student, optimizer = accelerator.prepare(student, optimizer)
+    per_rank = images.shape[0] // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    distill = recipe.Distill(method="none")
+    train.train_step(
+        student, None, [], [], distill, optimizer, accelerator, images[mine], labels[mine], accum, 0
+    )
+    flat = torch.cat([p.detach().flatten() for p in student.parameters()])
+    gathered = accelerator.gather(flat[None])  # every rank's parameters, bit for bit
+    if rank == 0:
+        out.put(gathered)
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+def test_grad_accum_over_two_ranks_keeps_them_identical_and_equals_one_big_step():
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_accum_rank, args=(r, 2, port, images, labels, 2, queue))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    gathered = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert torch.equal(gathered[0], gathered[1]), "the ranks' weights differ"
+    # The same optimizer step in one process, one micro-batch, over the whole global batch.
+    net = _tiny_net()
+    torch.nn.functional.cross_entropy(net(images), labels).backward()
+    expected = torch.cat([(p - p.grad).detach().flatten() for p in net.parameters()])
+    torch.testing.assert_close(gathered[0], expected, rtol=1e-5, atol=1e-6)
+
+
+HANGING_RANK = """
+import sys, time
+from quest import train
+
+original = train.lr_at
+
+def lr_at(step, *args):
+    if step == 3 and train.distributed.dist.get_rank() == 1:
+        time.sleep(90)  # a stuck rank: rank 0 waits for it in the gradient all-reduce
+    return original(step, *args)
+
+train.lr_at = lr_at
+train.cli(train.main)
+"""
+
+
+def test_a_stuck_rank_ends_the_job_with_the_stage_named(tmp_path):
+    recipe = tiny(tmp_path, "hang", optim__epochs=1, run__cpu=True, run__timeout_minutes=0.1)
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_RANK)
+    t0 = time.time()
+    out = launch_script(script, str(recipe))
+    assert out.returncode != 0
+    assert time.time() - t0 < 80, "the job waited for the stuck rank"
+    assert "rank 0 waited more than run.timeout_minutes = 0.1" in out.stderr, out.stderr[-3000:]
+    assert "during training step 4" in out.stderr

@@ -187,10 +187,10 @@ def test_override_errors(tmp_path):
 
 LEVELS = """
 [teacher]
-arch = "resnet18"
+arch = "tv_resnet18"
 
 [student]
-arch = "resnet18"
+arch = "tv_resnet18"
 
 [[levels]]
 teacher_layer = "layer3"
@@ -290,6 +290,22 @@ def test_to_toml_writes_every_section(tmp_path):
         ("MINIMAL", ["codebook.size=-1"], "codebook.size"),
         ("MINIMAL", ["data.val_fraction=1.0"], "data.val_fraction"),
         ("QUEST", ["codebook.beta=0"], "beta"),
+        ("MINIMAL", ["data.per_class=-5"], "'data.per_class' must not be negative, got -5"),
+        ("MINIMAL", ["run.save_every=-1"], "'run.save_every' must not be negative"),
+        ("MINIMAL", ["optim.lr=nan"], "'optim.lr' must be a finite number, got nan"),
+        ("MINIMAL", ["optim.lr=inf"], "'optim.lr' must be a finite number, got inf"),
+        ("MINIMAL", ["seed=-3"], "'seed' must not be negative, got -3"),
+        ("MINIMAL", ["data.num_workers=-1"], "'data.num_workers' must not be negative"),
+        ("MINIMAL", ["data.num_classes=1"], "'data.num_classes' = 1"),
+        ("MINIMAL", ["optim.milestones=[-1]"], "'optim.milestones[0]' must not be negative"),
+        ("MINIMAL", ["run.timeout_minutes=0"], "run.timeout_minutes"),
+        ("MINIMAL", ["student.arch=resnet9"], "Did you mean 'resnet8'"),
+        ("QUEST", ["teacher.arch=resnet15", "distill.method=kd"], "'teacher.arch': unknown arch"),
+        (
+            "QUEST",
+            ["teacher.checkpoint=IMAGENET1K_V1"],
+            "a torchvision weights name only exists for the torchvision archs",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v),
 )
@@ -297,6 +313,12 @@ def test_cross_field_checks(tmp_path, text, overrides, needle):
     msg = error_of(tmp_path, TEXTS[text], overrides)
     assert needle in msg
     assert "recipe.toml" in msg
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    msg = error_of(tmp_path, MINIMAL, [f"run.dir={tmp_path / 'taken'}"])
+    assert "is an existing file, not a directory" in msg
 
 
 def test_cross_field_checks_pass_for_valid_variants(tmp_path):

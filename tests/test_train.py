@@ -17,6 +17,7 @@ import torch
 from conftest import synthetic_shards, tiny
 
 from quest import checkpoint, train
+from quest import recipe as recipes
 from quest.codebook import CodebookError, load_codebook
 from quest.data import DataError
 from quest.student import ModelError, load_state
@@ -179,13 +180,13 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path, traine
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
-    recipe = tiny(tmp_path, "run", optim__epochs=2)
+    recipe = tiny(tmp_path, "run", optim__epochs=3, run__max_steps=16)
     train.main([str(recipe)])
     newest = checkpoint.complete(tmp_path / "run")[-1]
     model_file = newest / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:100])
     assert "model.safetensors" in checkpoint.verify(newest)
-    summary = train.main([str(recipe), "optim.epochs=3"])
+    summary = train.main([str(recipe), "run.max_steps=0"])
     out = capsys.readouterr().out
     assert f"checkpoint {newest} refused" in out and "step_00000008" in out
     assert summary["steps"] == 24
@@ -232,6 +233,41 @@ def test_bad_inputs_fail_early_and_clearly(tmp_path, trained_teacher, overrides,
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "override",
+    # Recipe-level mistakes (seed=-3, data.num_classes=1, ...) are tested in test_recipe.py.
+    [
+        "student.arch=resnet9",
+        "teacher.checkpoint=IMAGENET1K_V1",
+        "student.layer=layer9",
+        "run.dir=FILE",
+    ],
+)
+def test_bad_input_is_one_clear_line_before_any_teacher_is_trained(tmp_path, override):
+    (tmp_path / "file").write_text("")
+    override = override.replace("FILE", str(tmp_path / "file"))
+    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1)
+    recipe = tiny(
+        tmp_path,
+        "s",
+        method="quest",
+        teacher=tmp_path / "missing.pt",
+        teacher__recipe=str(teacher_recipe),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "quest.train", str(recipe), override],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert not (tmp_path / "t").exists() and not (tmp_path / "s").exists()
+
+
 def test_random_teacher_is_refused(tmp_path):
     random_teacher = tmp_path / "random.pt"
     from quest.models import build_model
@@ -257,16 +293,65 @@ def test_cli_prints_one_clear_line_for_user_errors(tmp_path):
 
 
 def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
+    """Every record is on disk when train.main returns, also when W&B's service process (wandb-core)
+    gets no CPU for a while at the end, as on a loaded machine: the service writes a run's last
+    records and closes its file when it handles the finish request, which the SDK sends without
+    waiting. On Linux the test stops the service for 2 s from just before that request."""
+    import threading
+
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    inform_finish, stalled, timers = ServiceConnection.inform_finish, [], []
+    linux = Path("/proc/self/fd").is_dir()
+
+    def stalled_inform_finish(self, *args, **kwargs):
+        for proc in Path("/proc").iterdir():
+            try:  # /proc/PID/stat: "PID (comm) state ppid ..."
+                comm, stat = (proc / "comm").read_text().strip(), (proc / "stat").read_text()
+            except OSError:  # not a process, or it has exited meanwhile
+                continue
+            if comm == "wandb-core" and stat.rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+                stalled.append(int(proc.name))
+        assert stalled, "no wandb-core child process to stall"
+        for pid in stalled:
+            os.kill(pid, signal.SIGSTOP)
+        timer = threading.Timer(2.0, lambda: [os.kill(pid, signal.SIGCONT) for pid in stalled])
+        timers.append(timer)
+        timer.start()
+        return inform_finish(self, *args, **kwargs)
+
+    def still_open(path: Path) -> list[int]:
+        """The stalled service processes that still hold `path` open."""
+        holders = []
+        for pid in stalled:
+            try:
+                links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            except OSError:  # the process has exited (or closed a descriptor meanwhile)
+                continue
+            if str(path.resolve()) in links:
+                holders.append(pid)
+        return holders
+
+    if linux:
+        monkeypatch.setattr(ServiceConnection, "inform_finish", stalled_inform_finish)
     recipe = tiny(tmp_path, "wb", optim__epochs=1, run__wandb=True)
-    train.main([str(recipe)])
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
-    assert runs[0].name.endswith(run_id)
+    try:
+        train.main([str(recipe)])
+        runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+        run_id = (tmp_path / "wb" / "wandb_id.txt").read_text().strip()
+        run_file = runs[0] / f"run-{run_id}.wandb" if len(runs) == 1 else None
+        # At once, while a service that is still stopped could not write anything more.
+        writers = still_open(run_file) if run_file else []
+        data = run_file.read_bytes() if run_file else b""
+    finally:
+        for timer in timers:
+            timer.join()
+    assert len(timers) == (1 if linux else 0)  # the run was finished once, the service stalled then
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+    assert not writers, "wandb-core still had the run's records to write when train.main returned"
     # The offline run's records (protobuf) carry every logged key: 2 train log steps, 1 evaluation.
-    data = (runs[0] / f"run-{run_id}.wandb").read_bytes()
-    assert data.count(b"train/loss") >= 2 and b"eval/top1" in data
+    assert data.count(b"train/loss") >= 2 and b"eval/top1" in data, f"{len(data)} bytes"
 
 
 def test_two_level_quest_trains_with_two_codebooks_and_sums_level_losses(tmp_path, trained_teacher):
@@ -309,6 +394,25 @@ def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
     used = (tmp_path / "s" / "recipe.toml").read_text()
     assert f'checkpoint = "{tmp_path / "t" / "student.pt"}"' in used
     assert summary["teacher_top1"] > 50
+
+
+def test_teacher_recipe_gets_the_students_device_and_precision_not_its_model(tmp_path):
+    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1)
+    recipe = tiny(
+        tmp_path,
+        "s",
+        method="kd",
+        teacher=tmp_path / "missing.pt",
+        optim__epochs=1,
+        teacher__recipe=str(teacher_recipe),
+        teacher__min_top1=0.0,
+    )
+    summary = train.main([str(recipe), "run.precision=bf16", "optim.lr=0.01", "run.max_steps=3"])
+    assert summary["steps"] == 3
+    used = recipes.load(tmp_path / "t" / "recipe.toml")
+    assert used.run.precision == "bf16"  # one Accelerate state: the student's precision
+    assert used.optim.lr == 0.05 and used.run.max_steps == 0  # the student's own keys stay its own
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 8
 
 
 def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
