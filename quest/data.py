@@ -1,17 +1,20 @@
-"""Datasets, transforms and per-rank loaders (SPEC §3 transforms). Nothing is ever downloaded.
+"""Datasets, transforms and per-rank loaders. Nothing is ever downloaded.
 
 Map-style datasets (Fashion-MNIST, CIFAR-100, image folders, MIT-67, synthetic) are read by our own
 samplers rather than through `accelerator.prepare`: the training order is a pure function of
 (seed, epoch), every rank gets the same number of batches, a resumed run continues at the exact batch,
-and each sample's augmentation is seeded by (seed, epoch, index), so results do not depend on the number
-of workers. WebDataset shards (dataset = "wds") are read by `quest.shards`.
+and each sample's augmentation is seeded by (seed, epoch, index, repeat), so results do not depend on
+the number of workers. The class list comes from the training split alone; the evaluation split must
+have the same classes. WebDataset shards (dataset = "wds") are read by `quest.shards`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import pickle
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +47,62 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
+def short_error(err: BaseException) -> str:
+    """An error message on one line, without torchvision's C++ source location."""
+    text = re.sub(r"^.*\.cpp:\d+, ", "", str(err)).strip()
+    return " ".join(text.split()) or type(err).__name__
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def check_classes(found: list[str], classes: list[str], where: str, fix: str) -> None:
+    """An evaluation split must have exactly the training split's classes: numbering each split on
+    its own shifts every label when one split has a class the other lacks."""
+    missing = sorted(set(classes) - set(found))
+    extra = sorted(set(found) - set(classes))
+    if missing or extra:
+        what = [f"missing {_names(missing)}"] if missing else []
+        what += [f"not in the training split: {_names(extra)}"] if extra else []
+        raise DataError(
+            f"{where} does not have the training split's classes ({'; '.join(what)}): {fix}"
+        )
+
+
 # --------------------------------------------------------------------------------------- sources
 
 
-class ImageList(Dataset):
-    """Images as a uint8 N×C×H×W tensor in memory, or as a list of files decoded on demand."""
+def decode_file(path: str | Path, channels: int) -> torch.Tensor:
+    """uint8 C×H×W pixels of an image file; DataError (one line, with the fix) if unreadable."""
+    try:
+        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+        img = decode_image(read_file(str(path)), mode=mode)
+        return img[0] if img.ndim == 4 else img  # an animated GIF: its first frame, as PIL reads it
+    except (RuntimeError, ValueError) as err:
+        reason = short_error(err)
+    try:  # BMP, TIFF, ...: formats torchvision does not decode but PIL (ImageFolder's reader) does
+        from PIL import Image
 
-    def __init__(self, images, labels: list[int], classes: list[str], channels: int):
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    except Exception:
+        raise DataError(
+            f"cannot decode image {path} ({reason}): replace the file with a readable image or "
+            "delete it"
+        ) from None
+    img = torch.from_numpy(array.copy())
+    return img.permute(2, 0, 1) if img.ndim == 3 else img[None]
+
+
+class ImageList(Dataset):
+    """Images as a uint8 N×C×H×W tensor in memory, or as a list of files decoded on demand.
+    `size` > 0: every file must be size×size (the fixed-size transform families need it)."""
+
+    def __init__(self, images, labels: list[int], classes: list[str], channels: int, size: int = 0):
         self.images, self.labels, self.classes, self.channels = images, labels, classes, channels
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,11 +110,14 @@ class ImageList(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.images[i]
         if isinstance(img, (str, Path)):
-            try:
-                mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
-                img = decode_image(read_file(str(img)), mode=mode)
-            except RuntimeError as err:
-                raise DataError(f"cannot decode image {img}: {err}") from None
+            path, img = img, decode_file(img, self.channels)
+            if self.size and tuple(img.shape[-2:]) != (self.size, self.size):
+                h, w = img.shape[-2:]
+                raise DataError(
+                    f"image {path} is {w}×{h}, not {self.size}×{self.size}: the cifar and mnist "
+                    f"transforms crop fixed-size images; resize every image to "
+                    f'{self.size}×{self.size}, or set data.transforms = "imagenet" (any size)'
+                )
         return img, self.labels[i]
 
     def subset(self, indices) -> ImageList:
@@ -73,7 +127,16 @@ class ImageList(Dataset):
             if torch.is_tensor(self.images)
             else [self.images[i] for i in indices]
         )
-        return ImageList(images, [self.labels[i] for i in indices], self.classes, self.channels)
+        labels = [self.labels[i] for i in indices]
+        return ImageList(images, labels, self.classes, self.channels, self.size)
+
+
+def probe(ds: ImageList, count: int = 8) -> None:
+    """Decode a few evenly spread images of a folder dataset now, so that a wrong size or an
+    unreadable file is reported before training rather than deep in a worker."""
+    if ds.size and len(ds):
+        for i in sorted({k * (len(ds) - 1) // max(count - 1, 1) for k in range(count)}):
+            ds[i]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -128,33 +191,69 @@ def cifar100(root: str, train: bool) -> ImageList:
     return ImageList(x, list(d["fine_labels"]), classes, 3)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# torchvision's ImageFolder extensions: the files the original code (and so IMG-k) counted
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def image_folder(root: Path, channels: int = 3) -> ImageList:
-    """root/<class>/<image>: classes sorted by name, as torchvision's ImageFolder."""
+def image_folder(
+    root: Path, channels: int = 3, classes: list[str] | None = None, size: int = 0
+) -> ImageList:
+    """root/<class>/<image>, files sorted by name within each class, as torchvision's ImageFolder.
+    Classes: root's class folders sorted by name, or `classes` (the training split's, for an
+    evaluation split), which root must have exactly. A class folder without an image is an error."""
     _require(root, "image folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
         raise DataError(f"no class folders in {root} (expected root/<class>/<image>)")
+    if classes is None:
+        classes = found
+    check_classes(found, classes, str(root), "every split needs one folder per class, same names")
     files, labels = [], []
     for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(p)
-                labels.append(label)
-    return ImageList(files, labels, classes, channels)
+        images = [
+            p for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not images:
+            raise DataError(
+                f"class folder {root / name} holds no image ({' '.join(IMAGE_EXTENSIONS)}): add its "
+                "images, or remove the class from every split"
+            )
+        files += images
+        labels += [label] * len(images)
+    return ImageList(files, labels, classes, channels, size)
 
 
-def mit67(root: str, train: bool) -> ImageList:
-    """Official layout: root/Images/<class>/<file> with TrainImages.txt / TestImages.txt."""
+def read_split_file(path: Path) -> list[tuple[str, str]]:
+    """(class, file name) per '<class>/<file>' line of an MIT-67 split file, duplicates dropped,
+    sorted by class then file name: the order torchvision's ImageFolder read the original's copy of
+    the split in, so IMG-k's first k images of a class are its first k by file name."""
+    entries = set()
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip().replace("\\", "/")
+        if not line:
+            continue
+        parts = line.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"{path}:{n}: expected '<class>/<file>', got {raw!r}")
+        entries.add((parts[0], parts[1]))
+    if not entries:
+        raise DataError(f"{path} lists no images")
+    return sorted(entries)
+
+
+def mit67(root: str, train: bool, classes: list[str] | None = None) -> ImageList:
+    """Official layout: root/Images/<class>/<file> with TrainImages.txt / TestImages.txt. Classes:
+    the split's own, or `classes` (the training split's, for the test split), which it must match."""
     base = Path(root)
     split = _require(base / ("TrainImages.txt" if train else "TestImages.txt"), "MIT-67 split file")
-    entries = [line.strip() for line in split.read_text().splitlines() if line.strip()]
-    classes = sorted({e.split("/")[0] for e in entries})
+    entries = read_split_file(split)
+    found = sorted({c for c, _ in entries})
+    if classes is None:
+        classes = found
+    check_classes(found, classes, str(split), "both split files need images of every class")
     index = {c: i for i, c in enumerate(classes)}
-    files = [base / "Images" / e for e in entries]
-    return ImageList(files, [index[e.split("/")[0]] for e in entries], classes, 3)
+    files = [base / "Images" / c / name for c, name in entries]
+    return ImageList(files, [index[c] for c, _ in entries], classes, 3)
 
 
 def synthetic(
@@ -181,17 +280,21 @@ def image_size(cfg: Data) -> int:
     return cfg.image_size or DEFAULT_SIZE[family(cfg)]
 
 
-def load_split(cfg: Data, train: bool) -> ImageList:
-    """The raw (untransformed) training or test split named by the recipe."""
+def load_split(cfg: Data, train: bool, classes: list[str] | None = None) -> ImageList:
+    """The raw (untransformed) training or test split named by the recipe. `classes`: the training
+    split's, which a test split read from folders or a split file must have (built-in datasets have
+    a fixed class list)."""
     match cfg.dataset:
         case "fashion_mnist":
             return fashion_mnist(cfg.root, train)
         case "cifar100":
             return cifar100(cfg.root, train)
         case "imagenet" | "folder":
-            return image_folder(Path(cfg.root) / ("train" if train else "val"))
+            size = 0 if family(cfg) == "imagenet" else image_size(cfg)
+            root = Path(cfg.root) / ("train" if train else "val")
+            return image_folder(root, classes=classes, size=size)
         case "mit67":
-            return mit67(cfg.root, train)
+            return mit67(cfg.root, train, classes)
         case "synthetic":
             size = cfg.synthetic_size if train else max(cfg.synthetic_size // 4, 1)
             fam = family(cfg)
@@ -205,6 +308,10 @@ def load_split(cfg: Data, train: bool) -> ImageList:
 def per_class_subset(ds: ImageList, per_class: int, keep_fraction: float) -> ImageList:
     """The first `per_class` images of each class, then the first `keep_fraction` of those
     (the MIT-67 IMG-k rule of the original code: k images, of which the first 80 % are kept)."""
+    if per_class < 0:  # idx[:-5] would keep all but 5
+        raise DataError(f"data.per_class = {per_class}: must be ≥ 0 (0 keeps every image)")
+    if not 0 < keep_fraction <= 1:
+        raise DataError(f"data.keep_fraction = {keep_fraction}: must be in (0, 1]")
     seen: dict[int, list[int]] = {}
     for i, y in enumerate(ds.labels):
         seen.setdefault(y, []).append(i)
@@ -226,15 +333,19 @@ def splits(cfg: Data, seed: int) -> tuple[ImageList, ImageList]:
             len(train), generator=torch.Generator().manual_seed(seed + 7919)
         ).tolist()
         n_val = int(len(train) * cfg.val_fraction)
-        return train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
-    return train, load_split(cfg, train=False)
+        train, held = train.subset(sorted(perm[n_val:])), train.subset(sorted(perm[:n_val]))
+    else:
+        held = load_split(cfg, train=False, classes=train.classes)
+    probe(train)
+    probe(held)
+    return train, held
 
 
 # --------------------------------------------------------------------------------------- transforms
 
 
 def transforms(cfg: Data, train: bool) -> Callable:
-    """SPEC §3: CIFAR RandomCrop(pad 4, reflect) + flip; ImageNet RandomResizedCrop + flip for training,
+    """CIFAR RandomCrop(pad 4, reflect) + flip; ImageNet RandomResizedCrop + flip for training,
     Resize(256/224 · size) + CenterCrop for evaluation. Inputs are uint8 C×H×W tensors."""
     fam, size = family(cfg), image_size(cfg)
     mean, std = STATS[fam]
@@ -255,9 +366,17 @@ def transforms(cfg: Data, train: bool) -> Callable:
     return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def augmentation_seed(seed: int, epoch: int, index: int, repeat: int) -> int:
+    """The RNG seed of one showing of an image: the repeat number (an image shown 10 times an epoch
+    by data.epoch_size) gives each showing its own crop and flip."""
+    text = f"{seed} {epoch} {index} {repeat}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
 class Transformed(Dataset):
-    """Applies a transform, seeding the CPU RNG from (seed, epoch, index) when given a tuple key, so a
-    sample's augmentation does not depend on the worker that loads it nor on where a run resumed."""
+    """Applies a transform, seeding the CPU RNG from a TrainBatches key (index, epoch, repeat), so a
+    sample's augmentation does not depend on the worker that loads it nor on where a run resumed.
+    A plain index applies the transform unseeded (evaluation transforms draw nothing)."""
 
     def __init__(self, base: ImageList, transform: Callable, seed: int):
         self.base, self.transform, self.seed = base, transform, seed
@@ -266,14 +385,12 @@ class Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, None)
+        index, epoch, repeat = key if isinstance(key, tuple) else (key, None, 0)
         img, label = self.base[index]
         if epoch is None:
             return self.transform(img), label
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(
-                (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-            )
+            torch.default_generator.manual_seed(augmentation_seed(self.seed, epoch, index, repeat))
             return self.transform(img), label
 
 
@@ -281,8 +398,10 @@ class Transformed(Dataset):
 
 
 class TrainBatches:
-    """Batches of (index, epoch) keys for one rank: a seeded permutation per epoch, truncated so that
-    every rank gets exactly `batches_per_epoch` batches, rank r taking every world-th sample."""
+    """Batches of (index, epoch, repeat) keys for one rank: an epoch is `samples` draws from seeded
+    permutations of the n images (repeat = which permutation, so an image shown k times an epoch has
+    repeats 0..k-1), truncated so that every rank gets exactly `batches_per_epoch` batches, rank r
+    taking every world-th sample."""
 
     def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, epoch_size: int = 0):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
@@ -302,15 +421,14 @@ class TrainBatches:
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         reps = math.ceil(self.samples / self.n)
-        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[
-            : self.samples
-        ]
-        mine = order[self.rank :: self.world].tolist()
+        order = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])
+        keys = [(i, self.epoch, p // self.n) for p, i in enumerate(order[: self.samples].tolist())]
+        mine = keys[self.rank :: self.world]
         for b in range(self.start, self.batches_per_epoch):
-            yield [(i, self.epoch) for i in mine[b * self.batch : (b + 1) * self.batch]]
+            yield mine[b * self.batch : (b + 1) * self.batch]
 
 
 def rank_slice(n: int, rank: int, world: int) -> range:
@@ -320,6 +438,10 @@ def rank_slice(n: int, rank: int, world: int) -> range:
 
 def _loader_kwargs(cfg: Data, pin: bool) -> dict:
     workers = cfg.num_workers
+    if workers < 0:
+        raise DataError(
+            f"data.num_workers = {workers}: use 0 (load in the training process) or more workers"
+        )
     return {
         "num_workers": workers,
         "pin_memory": pin,
@@ -328,9 +450,46 @@ def _loader_kwargs(cfg: Data, pin: bool) -> dict:
     }
 
 
+def worker_message(text: str) -> str:
+    """The message of a DataError raised in a DataLoader worker: torch re-raises it in the main
+    process as 'Caught DataError in DataLoader worker process N. Original Traceback ...', whose last
+    'DataError: ' line is the original (one-line) message."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if "DataError: " in line]
+    return last[-1].split("DataError: ", 1)[1].strip() if last else text
+
+
+class Loader(DataLoader):
+    """A DataLoader whose DataErrors stay one clear line, also when raised in a worker."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except DataError as err:
+            raise DataError(worker_message(str(err))) from None
+
+
+def count_classes(cfg: Data, classes: list[str]) -> int:
+    """The classifier's outputs: the training data's classes, which data.num_classes, when set, must
+    equal (a differing count means a missing class folder or the wrong dataset)."""
+    n = len(classes)
+    if cfg.num_classes and cfg.num_classes != n:
+        raise DataError(
+            f"data.num_classes = {cfg.num_classes} but the training data has {n} classes "
+            f"({_names(classes)}): fix the data, or set data.num_classes = 0 to use its count"
+        )
+    if n < 2:
+        raise DataError(
+            f"the training data has {n} class ({_names(classes)}): a classifier needs at least 2"
+        )
+    return n
+
+
 @dataclass
 class Loaders:
-    """What the trainer consumes. `train` is iterated once per epoch after `train_batches.set_epoch`."""
+    """What the trainer consumes. `train` is iterated once per epoch after `train_batches.set_epoch`.
+    `classes`: the class names in label order (label i is classes[i]), for the run to record."""
 
     train: object
     train_batches: TrainBatches | object
@@ -340,6 +499,7 @@ class Loaders:
     image_size: int
     train_size: int
     eval_size: int
+    classes: list[str] | None = None
 
 
 def per_rank(batch: int, world: int, what: str) -> int:
@@ -362,22 +522,23 @@ def build_loaders(
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
     batches = TrainBatches(len(train), batch, rank, world, seed, cfg.epoch_size)
     kw = _loader_kwargs(cfg, pin)
-    train_loader = DataLoader(
+    train_loader = Loader(
         Transformed(train, transforms(cfg, True), seed), batch_sampler=batches, **kw
     )
     eval_set = Transformed(
         held.subset(rank_slice(len(held), rank, world)), transforms(cfg, False), seed
     )
-    eval_loader = DataLoader(eval_set, batch_size=eval_batch, shuffle=False, **kw)
+    eval_loader = Loader(eval_set, batch_size=eval_batch, shuffle=False, **kw)
     return Loaders(
         train=train_loader,
         train_batches=batches,
         eval=eval_loader,
-        num_classes=cfg.num_classes or len(train.classes),
+        num_classes=count_classes(cfg, train.classes),
         in_channels=train.channels,
         image_size=image_size(cfg),
         train_size=len(train),
         eval_size=len(held),
+        classes=list(train.classes),
     )
 
 
@@ -400,4 +561,4 @@ def feature_loader(
     mine = [order[i] for i in rank_slice(len(order), rank, world)]
     ds = Transformed(train.subset(mine), transforms(cfg, False), seed)
     batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
-    return DataLoader(ds, batch_size=batch, shuffle=False, **_loader_kwargs(cfg, False))
+    return Loader(ds, batch_size=batch, shuffle=False, **_loader_kwargs(cfg, False))

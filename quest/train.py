@@ -502,6 +502,8 @@ def train(recipe: Recipe, accelerator: Accelerator, loaders: Loaders) -> dict:
         logged_until = metrics.drop_after(run_dir, state.step)
         artifacts.save_text(recipes.to_toml(recipe), run_dir / "recipe.toml")
         artifacts.save_json(recipes.to_dict(recipe), run_dir / "recipe.json")
+        if loaders.classes is not None:  # label i is classes[i]
+            artifacts.save_json(loaders.classes, run_dir / "classes.json")
         artifacts.save_json(
             {
                 **artifacts.provenance(),
@@ -757,6 +759,7 @@ def finish(recipe, accelerator, student, state: checkpoint.LoopState, loaders) -
             "arch": recipe.student.arch,
             "num_classes": loaders.num_classes,
             "in_channels": loaders.in_channels,
+            "classes": loaders.classes,
             "recipe": recipes.to_dict(recipe),
             "summary": summary,
         }

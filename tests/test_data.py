@@ -48,7 +48,7 @@ def test_train_batches_equal_per_rank_disjoint_and_seeded():
     per_rank = [list(data.TrainBatches(n, batch, r, world, seed=1)) for r in range(world)]
     counts = {len(b) for b in per_rank}
     assert counts == {n // (batch * world)}  # same number of batches on every rank
-    seen = [i for rank in per_rank for b in rank for i, _ in b]
+    seen = [key[0] for rank in per_rank for b in rank for key in b]
     assert len(seen) == len(set(seen))  # no sample twice in one epoch
     again = list(data.TrainBatches(n, batch, 0, world, seed=1))
     assert again == per_rank[0]
@@ -64,8 +64,28 @@ def test_epoch_size_repeats_a_small_subset():
     b = data.TrainBatches(10, 5, 0, 1, seed=0, epoch_size=100)
     batches = list(b)
     assert len(batches) == 20
-    idx = [i for batch in batches for i, _ in batch]
+    idx = [key[0] for batch in batches for key in batch]
     assert sorted(set(idx)) == list(range(10)) and all(idx.count(i) == 10 for i in range(10))
+
+
+def test_repeats_of_an_image_draw_their_own_augmentation():
+    """IMG10 shows each image 10 times an epoch: each showing gets its own crop and flip, and the same
+    (seed, epoch, showing) gets the same one again, so a resumed run continues identically."""
+    cfg = Data(dataset="synthetic", synthetic_size=4, image_size=16)
+    train, _ = data.splits(cfg, seed=0)
+    ds = data.Transformed(train, data.transforms(cfg, train=True), seed=3)
+    keys = [key for batch in data.TrainBatches(4, 4, 0, 1, seed=3, epoch_size=40) for key in batch]
+    first = [ds[key][0] for key in keys]
+    views: dict[int, set[bytes]] = {}
+    for key, x in zip(keys, first):
+        views.setdefault(key[0], set()).add(x.numpy().tobytes())
+    assert sorted(views) == [0, 1, 2, 3]
+    assert all(len(v) >= 5 for v in views.values()), [len(v) for v in views.values()]
+    resumed = data.TrainBatches(4, 4, 0, 1, seed=3, epoch_size=40)
+    resumed.set_epoch(0, start_batch=5)
+    keys_after = [key for batch in resumed for key in batch]
+    assert keys_after == keys[20:]
+    assert all(torch.equal(ds[k][0], x) for k, x in zip(keys_after, first[20:]))
 
 
 def test_rank_slices_cover_each_sample_once():

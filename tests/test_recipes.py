@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from quest import recipe as R
-from quest.codebook import teacher_weights_id
-from quest.data import family, image_size, load_split, mit67, per_class_subset
+from quest.codebook import kmeans_seed, teacher_weights_id
+from quest.data import TrainBatches, family, image_size, load_split, mit67, per_class_subset
 from quest.models import PRE_RELU_LAYER, build_model, canonical_arch, feature_layer
 from quest.student import ModelError, load_state, load_strict, map_shapes
 from quest.train import build_teacher, student_layers, teacher_layers
@@ -110,11 +110,12 @@ def header(path: Path) -> str:
 
 
 def codebook_identity(r: R.Recipe, level: R.Level, layer: str) -> tuple:
-    """What quest.codebook checks before reusing an artifact (MATCH_FIELDS), plus the word dimension."""
+    """What quest.codebook checks before reusing an artifact (MATCH_FIELDS but the precision, as a
+    codebook from fp32 features serves every precision), plus the word dimension."""
     arch, classes, channels = teacher_key(r)
     dims = shapes(arch, classes, channels, image_size(r.data))[layer][0]
     weights = teacher_weights_id(r.teacher.checkpoint)
-    return arch, weights, layer, level.pool, r.codebook.size, dims
+    return arch, weights, layer, level.pool, r.codebook.size, kmeans_seed(r), dims
 
 
 CODEBOOK_USERS: dict[str, list[tuple[str, R.Recipe, R.Level, str]]] = {}
@@ -169,7 +170,7 @@ def test_recipe_builds_and_its_maps_line_up(path: Path):
             theirs = codebook_identity(other, other_level, other_layer)
             assert theirs == mine, (
                 f"{level.codebook} is shared with {other_name}, which builds it for {theirs} "
-                f"(arch, weights, layer, pool, K, dims), not {mine}"
+                f"(arch, weights, layer, pool, K, seed, dims), not {mine}"
             )
 
 
@@ -193,6 +194,15 @@ CIFAR_PAIRS = {
 }
 
 
+def test_quest_recipes_pin_the_kmeans_seed():
+    """Runs over seeds (seed=1, 2, ...) share a recipe's codebook, and an artifact built with another
+    k-means seed is refused: every QuEST recipe names its seed instead of following the run's (-1)."""
+    loose = [
+        p.name for p, r in LOADED.items() if r is not None and r.uses_quest and r.codebook.seed < 0
+    ]
+    assert not loose, f"set codebook.seed in {loose}"
+
+
 def test_cifar_pairs_follow_the_paper():
     for stem, (teacher, student, lam, lr, pool) in CIFAR_PAIRS.items():
         r = R.load(ROOT / "recipes" / "cifar100" / f"{stem}.toml")
@@ -212,6 +222,18 @@ def test_cifar_pairs_follow_the_paper():
         assert r.teacher.checkpoint.endswith("_vanilla/ckpt_epoch_240.pth")
 
 
+def r_path(stem: str, k: int) -> Path:
+    return ROOT / "recipes" / "mit67" / f"{stem}_img{k}.toml"
+
+
+def original_epoch(k: int) -> int:
+    """Samples per epoch of the original's IMG-k: it kept int(0.8 k) images per class and repeated
+    them rep_num = int(5360 / kept) times (5,360 = all 80 × 67 training images), so IMG10, 25 and 50
+    see 5,360 samples an epoch and IMG80 its 4,288 images once."""
+    kept = int(0.8 * k) * 67
+    return max(1, 5360 // kept) * kept
+
+
 def test_mit67_recipes_follow_the_paper():
     for arch, lr, batch, gamma, learn, bias, lam in (
         ("tv_resnet18", 0.05, 128, 10.0, False, True, 10.0),
@@ -219,10 +241,16 @@ def test_mit67_recipes_follow_the_paper():
     ):
         stem = "resnet18" if arch == "tv_resnet18" else "vgg9"
         for k in (10, 25, 50, 80):
-            r = R.load(ROOT / "recipes" / "mit67" / f"{stem}_img{k}.toml")
+            r = R.load(r_path(stem, k))
             d, o = r.distill, r.optim
             assert r.student.arch == arch and r.data.num_classes == 67
-            assert (r.data.per_class, r.data.keep_fraction, r.data.epoch_size) == (k, 0.8, 5360)
+            assert (r.data.per_class, r.data.keep_fraction) == (k, 0.8)
+            kept = int(0.8 * k) * 67
+            epoch = TrainBatches(kept, batch, 0, 1, seed=0, epoch_size=r.data.epoch_size)
+            assert r.data.epoch_size == epoch.samples == original_epoch(k), (stem, k)
+            assert "sorted by file name" in " ".join(
+                header(r_path(stem, k)).replace("#", "").split()
+            )
             assert (d.gamma, d.learn_gamma, d.bias, d.quest_weight) == (gamma, learn, bias, lam)
             sgd = (o.epochs, o.lr, o.milestones, o.nesterov, o.weight_decay)
             assert sgd == (200, lr, [150], False, 5e-4)
@@ -296,7 +324,7 @@ def _prepare_module():
     return module
 
 
-def test_prepare_mit67_keeps_the_official_order(tmp_path, capsys):
+def test_prepare_mit67_copies_the_split_and_img_k_picks_by_file_name(tmp_path, capsys):
     prepare = _prepare_module()
     src, out = tmp_path / "MIT67", tmp_path / "data" / "mit67"
     train = ["kitchen/z1.jpg", "kitchen/a2.jpg", "bar/m.jpg", "kitchen/b3.jpg", "bar/c.jpg"]
@@ -312,7 +340,7 @@ def test_prepare_mit67_keeps_the_official_order(tmp_path, capsys):
     manifest = json.loads((out / "prepared.json").read_text())
     assert manifest["missing"] == ["Images/bar/gone.jpg"]
     assert manifest["splits"]["train"]["images"] == 5 and manifest["splits"]["val"]["images"] == 2
-    linked = out / "train" / "kitchen" / "0000_z1.jpg"
+    linked = out / "train" / "kitchen" / "z1.jpg"  # the original's layout: the file's own name
     assert linked.read_bytes() == b"kitchen/z1.jpg"
     assert linked.stat().st_ino == (src / "Images" / "kitchen" / "z1.jpg").stat().st_ino
 
@@ -322,14 +350,35 @@ def test_prepare_mit67_keeps_the_official_order(tmp_path, capsys):
     assert manifest["files"] == {"kept": 7, "linked": 0, "copied": 0}
     assert not list(out.rglob("*.tmp"))
 
-    # IMG-k: the folder reader's first k per class are the split file's first k, as the mit67 reader.
+    # IMG-k: the first k per class sorted by file name (the original read its copy of the split with
+    # torchvision's ImageFolder), whichever reader: the prepared folder or the split file itself.
     cfg = R.Data(dataset="folder", root=str(out), transforms="imagenet")
-
     folder = per_class_subset(load_split(cfg, train=True), 2, 1.0)
     official = per_class_subset(mit67(str(src), train=True), 2, 1.0)
     assert folder.classes == official.classes == ["bar", "kitchen"]
-    picked = sorted(
-        (y, Path(f).name.split("_", 1)[1]) for f, y in zip(folder.images, folder.labels)
-    )
-    expected = sorted((y, Path(f).name) for f, y in zip(official.images, official.labels))
-    assert picked == expected == [(0, "c.jpg"), (0, "m.jpg"), (1, "a2.jpg"), (1, "z1.jpg")]
+    picked = [(y, Path(f).name) for f, y in zip(folder.images, folder.labels)]
+    expected = [(y, Path(f).name) for f, y in zip(official.images, official.labels)]
+    assert picked == expected == [(0, "c.jpg"), (0, "m.jpg"), (1, "a2.jpg"), (1, "b3.jpg")]
+    # IMG10's rule on 10 images: the first 8 of the first 10 by file name, whatever the split order
+    names = [f"img_{i:02d}.jpg" for i in (7, 3, 11, 0, 9, 1, 10, 5, 2, 8, 6, 4)]
+    (src / "TrainImages.txt").write_text("".join(f"bar/{n}\n" for n in names))
+    kept = per_class_subset(mit67(str(src), train=True), 10, 0.8)
+    assert [Path(f).name for f in kept.images] == [f"img_{i:02d}.jpg" for i in range(8)]
+
+
+def test_prepare_mit67_refuses_files_the_split_does_not_name(tmp_path, capsys):
+    """A folder prepared by an older version (rank-prefixed names) would hold every image twice."""
+    prepare = _prepare_module()
+    src, out = tmp_path / "MIT67", tmp_path / "out"
+    for entry in ("bar/a.jpg", "bar/b.jpg"):
+        (src / "Images" / entry).parent.mkdir(parents=True, exist_ok=True)
+        (src / "Images" / entry).write_bytes(b"x")
+    (src / "TrainImages.txt").write_text("bar/a.jpg\n")
+    (src / "TestImages.txt").write_text("bar/b.jpg\n")
+    stale = out / "train" / "bar" / "0000_a.jpg"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    assert prepare.main([str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "0000_a.jpg" in err and "\n" not in err.strip()
+    assert not (out / "train" / "bar" / "a.jpg").exists()

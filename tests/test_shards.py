@@ -180,6 +180,36 @@ def test_flat_val_folder_with_label_file(tmp_path):
         )
 
 
+def test_folder_splits_share_one_checked_numbering(tmp_path):
+    """One class list for both splits, from train's non-empty class folders, recorded in sizes.json."""
+    make_folder(tmp_path / "src", classes=3, train=2, val=1)
+    shutil.rmtree(tmp_path / "src" / "val" / "class.01")
+    with pytest.raises(DataError, match=r"class\.01"):
+        convert(tmp_path / "src", tmp_path / "a", workers=1, progress=False)
+    make_folder(tmp_path / "src2", classes=3, train=2, val=1)
+    (tmp_path / "src2" / "train" / "class.00.empty").mkdir()
+    with pytest.raises(DataError, match=r"class\.00\.empty.* no image"):
+        convert(tmp_path / "src2", tmp_path / "b", workers=1, progress=False)
+
+
+def test_mit67_splits_share_the_training_numbering(tmp_path):
+    src = tmp_path / "MIT67"
+    train, test = ["bar/a.png", "kitchen/b.png", "zoo/c.png"], ["kitchen/t.png", "zoo/u.png"]
+    g = torch.Generator().manual_seed(0)
+    for entry in train + test:
+        (src / "Images" / entry).parent.mkdir(parents=True, exist_ok=True)
+        (src / "Images" / entry).write_bytes(encode_png(_image(g)).numpy().tobytes())
+    (src / "TrainImages.txt").write_text("\n".join(train) + "\n")
+    (src / "TestImages.txt").write_text("\n".join(test) + "\n")
+    with pytest.raises(DataError, match="bar"):  # numbered on its own, kitchen would be 0
+        convert(src, tmp_path / "a", workers=1, progress=False)
+    (src / "TestImages.txt").write_text("\n".join([*test, "bar/a.png"]) + "\n")
+    index = convert(src, tmp_path / "b", workers=1, progress=False)
+    assert index["kind"] == "mit67" and index["classes"] == ["bar", "kitchen", "zoo"]
+    labels = Counter(y for y, _, _ in read_all(tmp_path / "b", "val"))
+    assert labels == {0: 1, 1: 1, 2: 1}
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:

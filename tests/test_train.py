@@ -484,6 +484,10 @@ def test_training_from_shards_matches_training_from_the_folder(tmp_path):
     assert results["wds"]["steps"] == results["folder"]["steps"] == 4 * 8
     assert results["folder"]["top1"] > 60 and results["wds"]["top1"] > 60
     assert abs(results["folder"]["top1"] - results["wds"]["top1"]) < 15
+    for kind in ("folder", "wds"):  # the class numbering is recorded with the run
+        classes = json.loads((tmp_path / kind / "classes.json").read_text())
+        assert classes == ["class0", "class1", "class2", "class3"]
+        assert torch.load(tmp_path / kind / "student.pt")["meta"]["classes"] == classes
 
 
 def test_unreadable_training_samples_are_counted_in_the_run(tmp_path):

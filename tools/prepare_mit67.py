@@ -4,14 +4,15 @@
 
 SRC is the official layout: `SRC/Images/<class>/<file>` (the indoorCVPR_09 archive) with
 `SRC/TrainImages.txt` and `SRC/TestImages.txt`, one `<class>/<file>` per line (80 training and 20 test
-images per class). OUT receives the folder layout that `data.dataset = "folder"` reads:
+images per class). OUT receives the folder layout that `data.dataset = "folder"` reads, the layout the
+original QuEST code made (each listed file under its own name):
 
-    OUT/train/<class>/<NNNN>_<file>    from TrainImages.txt
-    OUT/val/<class>/<NNNN>_<file>      from TestImages.txt
+    OUT/train/<class>/<file>    from TrainImages.txt
+    OUT/val/<class>/<file>      from TestImages.txt
 
-NNNN is the image's rank within its class in the split file, so the folder reader's sorted order is the
-official order: `data.per_class = k` (the IMG-k variants) then keeps the same first k images as
-`data.dataset = "mit67"` reading SRC directly.
+The original read this copy with torchvision's ImageFolder, so within a class the images are sorted by
+file name, and `data.per_class = k` (the IMG-k variants) keeps the first k by file name, the same
+images as `data.dataset = "mit67"` reading SRC directly.
 
 - Files are hard links when SRC and OUT share a file system, else copies (`--copy` always copies).
 - Atomic and resumable: each file is written as `<name>.tmp` and renamed, a rerun skips finished
@@ -19,6 +20,9 @@ official order: `data.per_class = k` (the IMG-k variants) then keeps the same fi
   complete preparation.
 - Files named by a split file but absent from SRC/Images are reported and listed in prepared.json;
   the exit status is then 1 unless `--allow-missing`.
+- A file under OUT/train or OUT/val that the split files do not name (left by an older version, which
+  prefixed names with a rank, or by hand) is an error before anything is written: the folder reader
+  would count it as a training or test image.
 - `--shards DIR` also writes WebDataset shards of OUT with `quest.shards` (full-set runs only: the
   IMG-k options per_class / keep_fraction do not apply to dataset = "wds", so the MIT-67 recipes read
   the folder).
@@ -62,14 +66,24 @@ def read_split(path: Path) -> list[tuple[str, str]]:
 
 
 def plan(src: Path, split: str) -> list[tuple[Path, Path]]:
-    """(source file, destination relative to OUT) for one split; NNNN = rank within the class."""
-    rank: dict[str, int] = {}
-    pairs = []
-    for cls, name in read_split(src / SPLITS[split]):
-        i = rank.get(cls, 0)
-        rank[cls] = i + 1
-        pairs.append((src / "Images" / cls / name, Path(split) / cls / f"{i:04d}_{name}"))
-    return pairs
+    """(source file, destination relative to OUT) for one split: the file keeps its name."""
+    return [
+        (src / "Images" / cls / name, Path(split) / cls / name)
+        for cls, name in read_split(src / SPLITS[split])
+    ]
+
+
+def check_no_strangers(out: Path, planned: set[Path]) -> None:
+    """Every file already under OUT/<split>/ must be one the split files name (.tmp files are
+    leftovers of an interrupted run, removed later)."""
+    for split in SPLITS:
+        for path in sorted((out / split).rglob("*")) if (out / split).is_dir() else []:
+            rel = path.relative_to(out)
+            if path.is_file() and path.suffix != ".tmp" and rel not in planned:
+                raise PrepareError(
+                    f"{path} is not named by the split files (left by an older prepare_mit67, which "
+                    f"prefixed names with a rank?): delete {out / 'train'} and {out / 'val'} and rerun"
+                )
 
 
 def place(source: Path, dest: Path, copy: bool) -> str:
@@ -96,13 +110,14 @@ def prepare(src: Path, out: Path, copy: bool = False) -> dict:
     """Build OUT/train and OUT/val from the official layout; returns the manifest."""
     if not (src / "Images").is_dir():
         raise PrepareError(f"{src / 'Images'} not found (expected SRC/Images/<class>/<file>)")
+    plans = {split: plan(src, split) for split in SPLITS}
+    check_no_strangers(out, {rel for pairs in plans.values() for _, rel in pairs})
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # present ⇔ complete
     manifest: dict = {"source": str(src.resolve()), "splits": {}, "missing": []}
     counts = {"kept": 0, "linked": 0, "copied": 0}
     names = {}
-    for split in SPLITS:
-        pairs = plan(src, split)
+    for split, pairs in plans.items():
         names[split] = {p[0] for p in pairs}
         classes: dict[str, int] = {}
         for source, rel in pairs:

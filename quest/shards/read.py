@@ -26,13 +26,15 @@ from ..data import (
     DataError,
     Loaders,
     _loader_kwargs,
+    count_classes,
     image_size,
     per_rank,
+    short_error,
     transforms,
 )
 from ..recipe import Data
 from .tar import tar_samples
-from .write import IMAGE_FIELDS, INDEX, SHUFFLE_BUFFER, SHUFFLE_INITIAL, _mode, _short
+from .write import IMAGE_FIELDS, INDEX, SHUFFLE_BUFFER, SHUFFLE_INITIAL, _mode
 
 # --------------------------------------------------------------------------------------- reading
 
@@ -130,7 +132,7 @@ def decode_sample(sample: dict, mode: ImageReadMode) -> tuple[torch.Tensor, int]
             torch.frombuffer(bytearray(sample[field]), dtype=torch.uint8), mode=mode
         )
     except RuntimeError as err:
-        raise ValueError(f"cannot decode {field}: {_short(err)}") from None
+        raise ValueError(f"cannot decode {field}: {short_error(err)}") from None
     return (image[0] if image.ndim == 4 else image), int(sample["cls"])
 
 
@@ -345,7 +347,7 @@ class TrainStream(IterableDataset):
                     yield sample
             except Exception as err:  # the rest of a damaged shard is lost; the stream goes on
                 warnings.warn(
-                    f"skipping the rest of training shard {url}: {_short(err)}", stacklevel=1
+                    f"skipping the rest of training shard {url}: {short_error(err)}", stacklevel=1
                 )
                 self.batches.count_corrupt()
             empty = 0 if n else empty + 1
@@ -448,7 +450,7 @@ class ExactStream(IterableDataset):
                 self._fail(f"{what} {url} holds {i} samples but {INDEX} promises at least {stop}")
                 return
             except Exception as err:
-                self._fail(f"{what} {url}: unreadable after key {key}: {_short(err)}")
+                self._fail(f"{what} {url}: unreadable after key {key}: {short_error(err)}")
                 return
             key = sample["__key__"]
             if i < first or (picks is not None and i not in picks):
@@ -520,11 +522,12 @@ def build_wds_loaders(
         train=web_loader(train, train.batcher, kw, device),
         train_batches=batches,
         eval=web_loader(val, val.batcher, kw, device),
-        num_classes=cfg.num_classes or index["num_classes"],
+        num_classes=count_classes(cfg, index["classes"]),
         in_channels=index["channels"],
         image_size=image_size(cfg),
         train_size=sum(train_counts),
         eval_size=sum(val_counts),
+        classes=list(index["classes"]),
     )
 
 

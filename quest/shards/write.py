@@ -26,6 +26,7 @@ from ..data import (
     fashion_mnist,
     image_folder,
     mit67,
+    short_error,
 )
 
 INDEX = "sizes.json"
@@ -125,13 +126,14 @@ def detect_kind(root: Path) -> str:
 
 
 def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = "") -> dict:
-    """{'classes', 'channels', 'splits': {split: [Record]}} for a source (nothing decoded yet)."""
+    """{'classes', 'channels', 'splits': {split: [Record]}} for a source (nothing decoded yet).
+    One class numbering for both splits: the training split's (its non-empty class folders, or its
+    split file), which the other split must have exactly."""
     out: dict[str, list[Record]] = {}
     if kind == "folder":
         train_dir, val_dir = root / "train", root / "val"
         has_classes = val_dir.is_dir() and any(p.is_dir() for p in val_dir.iterdir())
         classes = image_folder(train_dir if train_dir.is_dir() else val_dir).classes
-        index = {c: i for i, c in enumerate(classes)}
         for split in splits:
             folder = root / split
             if split == "val" and (val_labels or not has_classes):
@@ -139,18 +141,15 @@ def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = ""
                     raise DataError(f"{folder} has no class folders: pass --val-labels FILE")
                 out[split] = _flat_val(folder, Path(val_labels), classes)
                 continue
-            ds = image_folder(folder)
-            unknown = sorted(set(ds.classes) - set(index))
-            if unknown:
-                raise DataError(f"{folder}: classes {unknown[:5]} are not in the training classes")
-            labels = [index[ds.classes[y]] for y in ds.labels]
-            out[split] = _file_records(ds.images, labels, folder)
+            ds = image_folder(folder, classes=classes)
+            out[split] = _file_records(ds.images, ds.labels, folder)
         return {"classes": classes, "channels": 3, "splits": out}
     if kind == "mit67":
+        classes = mit67(str(root), train=True).classes
         for split in splits:
-            ds = mit67(str(root), train=split == "train")
+            ds = mit67(str(root), train=split == "train", classes=classes)
             out[split] = _file_records(ds.images, ds.labels, root / "Images")
-        return {"classes": ds.classes, "channels": 3, "splits": out}
+        return {"classes": classes, "channels": 3, "splits": out}
     if kind in ("cifar100", "fashion_mnist"):
         reader = cifar100 if kind == "cifar100" else fashion_mnist
         for split in splits:
@@ -160,11 +159,6 @@ def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = ""
             )
         return {"classes": list(ds.classes), "channels": ds.channels, "splits": out}
     raise DataError(f"unknown source kind {kind!r}: one of {KINDS}")
-
-
-def _short(err: BaseException) -> str:
-    """torchvision's decode errors without the C++ source location."""
-    return re.sub(r"^.*\.cpp:\d+, ", "", str(err)).strip() or type(err).__name__
 
 
 def _sniff(data: bytes) -> str | None:
@@ -200,7 +194,7 @@ def encode_record(record: Record, channels: int) -> tuple[str, bytes, bool]:
         try:
             decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_mode(channels))
         except RuntimeError as err:
-            raise ValueError(_short(err)) from None
+            raise ValueError(short_error(err)) from None
         return ext, data, False
     from PIL import Image
 
@@ -208,7 +202,9 @@ def encode_record(record: Record, channels: int) -> tuple[str, bytes, bool]:
         with Image.open(io.BytesIO(data)) as im:
             array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
     except Exception as err:
-        reason = "unknown format" if isinstance(err, Image.UnidentifiedImageError) else _short(err)
+        reason = (
+            "unknown format" if isinstance(err, Image.UnidentifiedImageError) else short_error(err)
+        )
         raise ValueError(f"not an image decode_image or PIL can read: {reason}") from None
     image = torch.from_numpy(array.copy())
     image = image.permute(2, 0, 1) if image.ndim == 3 else image[None]
