@@ -1,6 +1,6 @@
 """k-means for the codebook: faiss on one process, optional distributed Lloyd refinement.
 
-Plain Euclidean k-means on raw vectors: no normalisation, no PCA, not spherical (SPEC §1).
+Plain Euclidean k-means on raw vectors: no normalisation, no PCA, not spherical (docs/method.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The QuEST math as pure functions, plus the cosine codeword head (SPEC §1).
+"""The QuEST math as pure functions, plus the cosine codeword head (docs/method.md §1).
 
 Shapes: B batch, C channels, H×W spatial, K codewords, N = B·H·W locations.
 """

@@ -1,4 +1,4 @@
-"""quest.losses: the QuEST math (SPEC §1) against values computed independently (loops, by hand)."""
+"""quest.losses: the QuEST math (docs/method.md §1) against values computed independently (loops, by hand)."""
 
 import math
 
@@ -187,7 +187,7 @@ def test_quest_loss_equals_loop_over_locations_in_flatten_order():
                 s_rows.append(scores[b, :, h, w].tolist())
     want = brute_kl(p_rows, s_rows)
     assert math.isclose(quest_loss(scores, targets).item(), want, rel_tol=1e-5)
-    # equals F.kl_div batchmean on the N×K view (SPEC §1)
+    # equals F.kl_div batchmean on the N×K view (docs/method.md §1)
     ref = F.kl_div(flatten_locations(scores).log_softmax(1), targets, reduction="batchmean")
     assert math.isclose(quest_loss(scores, targets).item(), ref.item(), rel_tol=1e-6)
 

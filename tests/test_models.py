@@ -1,4 +1,4 @@
-"""quest.models: SPEC §2 feature-map shapes, hook safety, RepDistiller state-dict names, errors."""
+"""quest.models: docs/method.md §2 feature-map shapes, hook safety, RepDistiller state-dict names, errors."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def _one_thread(one_thread):
 
 
 # arch -> (input side in px, {module path: map shape C×H×W}). The DEFAULT_LAYER shapes are the
-# SPEC §2 table; the others are the extra taps (vgg pre-ReLU, MIT-67 levels). torchvision and
+# docs/method.md §2 table; the others are the extra taps (vgg pre-ReLU, MIT-67 levels). torchvision and
 # VGG-9 run at the paper's 224 px with batch 1 to keep the file fast.
 MAPS: dict[str, tuple[int, dict[str, tuple[int, int, int]]]] = {
     "wrn_16_1": (32, {"relu": (64, 8, 8)}),

@@ -1,4 +1,4 @@
-"""The shipped recipes (SPEC §3): each loads, builds its networks and runs them at its resolution, its
+"""The shipped recipes (docs/method.md §3): each loads, builds its networks and runs them at its resolution, its
 QuEST maps line up level by level, recipes sharing a codebook agree on what it is, and the CIFAR pairs
 carry the paper's hyper-parameters. Also: CRD's checkpoint format loads strictly, and
 tools/prepare_mit67.py gives the folder reader the official image order."""
@@ -176,7 +176,7 @@ def test_recipe_builds_and_its_maps_line_up(path: Path):
 
 # --------------------------------------------------------------------- the paper's CIFAR-100 table
 
-# stem: (teacher, student, lambda, LR, pool), SPEC §3
+# stem: (teacher, student, lambda, LR, pool), docs/method.md §3
 CIFAR_PAIRS = {
     "wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 1, 0.05, 1),
     "wrn40_2_wrn40_1": ("wrn_40_2", "wrn_40_1", 1, 0.05, 1),

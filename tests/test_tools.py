@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from quest import inspect, train
+from quest import train, visual_words
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_inspect_draws_the_most_used_words(tmp_path, trained_teacher):
     recipe = tiny(tmp_path, "q", method="quest", teacher=trained_teacher, optim__epochs=1)
     train.main([str(recipe)])
-    out = inspect.main([str(recipe), "--images", "40", "--words", "3", "--patches", "4"])
+    out = visual_words.main([str(recipe), "--images", "40", "--words", "3", "--patches", "4"])
     assert (out["out"] / "words.png").stat().st_size > 0 and (
         out["out"] / "usage.png"
     ).stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Every network of the QuEST paper, and the module path of its QuEST feature map (SPEC §2).
+"""Every network of the QuEST paper, and the module path of its QuEST feature map (docs/method.md §2).
 
 `ARCHS` is the one place where an architecture string becomes a model. Feature maps are read with
 a forward hook on one named submodule, `model.get_submodule(feature_layer(arch))`, so each map is
@@ -157,7 +157,7 @@ def build_model(
 
 
 def feature_layer(arch: str) -> str:
-    """Module path of the QuEST feature map of `arch` (SPEC §2), for `model.get_submodule`."""
+    """Module path of the QuEST feature map of `arch` (docs/method.md §2), for `model.get_submodule`."""
     name = canonical_arch(arch)
     if name not in DEFAULT_LAYER:
         raise ValueError(

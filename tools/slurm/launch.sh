@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One `accelerate launch` per node, for tools/slurm/train.sbatch and train_single_node.sbatch.
 # Run it once per node inside an srun task (srun --ntasks-per-node=1 ... tools/slurm/launch.sh), so
-# that SLURM_NODEID is this node's own (ENGINEERING §6: accelerate's example omits --machine_rank).
+# that SLURM_NODEID is this node's own (Accelerate's own Slurm example omits --machine_rank and crashes).
 #
 # Environment:
 #   RECIPE           the recipe (required), e.g. recipes/imagenet_rn34_rn18.toml

@@ -1,6 +1,6 @@
 """What the teacher's visual words look like.
 
-    python -m quest.inspect RECIPE [--images 2000] [--words 8] [--patches 8] [--out DIR]
+    python -m quest.visual_words RECIPE [--images 2000] [--words 8] [--patches 8] [--out DIR]
 
 For the most used words of the recipe's (first-level) codebook, draws the input patches whose teacher
 feature is nearest to the word (the image region under that feature-map location, with some context),
@@ -61,7 +61,7 @@ def patch(
 def main(argv: list[str] | None = None) -> dict:
     from .train import build_teacher, setup, teacher_layers
 
-    parser = argparse.ArgumentParser(prog="python -m quest.inspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m quest.visual_words", description=__doc__)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument(
