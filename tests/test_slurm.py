@@ -1,5 +1,5 @@
-"""tools/slurm without Slurm: the scripts parse, the per-node launch commands agree across nodes
-(ENGINEERING §6), and USR2 near the time limit leads to STOP file → clean exit → requeue."""
+"""tools/slurm without Slurm: the scripts parse, the per-node launch commands agree across nodes,
+and USR2 near the time limit leads to STOP file → clean exit → requeue."""
 
 from __future__ import annotations
 
@@ -179,15 +179,12 @@ exit 3
 """
 
 
-@pytest.mark.parametrize("script,nodes", [("train.sbatch", 2), ("train_single_node.sbatch", 1)])
-def test_time_limit_signal_checkpoints_then_requeues(tmp_path, script, nodes):
-    """The whole batch script with fake srun/scontrol: USR2 → STOP → the 'trainer' exits → requeue."""
-    bin_dir, log = scontrol_recorder(tmp_path)
-    fake_bin(tmp_path, "srun", FAKE_SRUN)
+def run_batch(tmp_path: Path, script: str, nodes: int, srun: str, signal_after: str) -> str:
+    """Run the whole batch script with fake srun/scontrol; send USR2 once the fake srun has created
+    logs/<signal_after>. Returns the script's output (its exit status must be 0)."""
+    bin_dir, _ = scontrol_recorder(tmp_path)
+    fake_bin(tmp_path, "srun", srun)
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    logs.mkdir()
-    run_dir.mkdir()
-    (run_dir / "STOP").touch()  # left behind by a killed job: must not stop the new one
     recipe = tmp_path / "recipe.toml"  # RUN_DIR unset: taken from the recipe's run.dir
     recipe.write_text(
         f'[run]\ndir = "{run_dir}"\n[student]\narch = "resnet8"\n[distill]\nmethod = "none"\n'
@@ -216,15 +213,28 @@ def test_time_limit_signal_checkpoints_then_requeues(tmp_path, script, nodes):
     )
     try:
         deadline = time.time() + 60
-        while not (logs / "started").exists():
+        while not (logs / signal_after).exists():
             assert proc.poll() is None, proc.communicate()[0]
-            assert time.time() < deadline, "the fake srun never started"
+            assert time.time() < deadline, f"the fake srun never wrote {signal_after}"
             time.sleep(0.05)
         proc.send_signal(signal.SIGUSR2)
         output = proc.communicate(timeout=60)[0]
     finally:
         proc.kill()
     assert proc.returncode == 0, output
+    return output
+
+
+@pytest.mark.parametrize("script,nodes", [("train.sbatch", 2), ("train_single_node.sbatch", 1)])
+def test_time_limit_signal_checkpoints_then_requeues(tmp_path, script, nodes):
+    """The whole batch script with fake srun/scontrol: USR2 → STOP → the 'trainer' exits → requeue."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()  # left behind by a killed job: must not stop the new one
+    (run_dir / "summary.json").write_text("{}")  # an earlier run's: this one has not finished
+    run_batch(tmp_path, script, nodes, FAKE_SRUN, signal_after="started")
+    log = tmp_path / "scontrol.log"
     assert not (logs / "stale_stop").exists()
     assert (logs / "saved").exists() and not (run_dir / "STOP").exists()
     assert log.read_text().splitlines() == ["requeue 4242"]
@@ -239,3 +249,33 @@ def test_time_limit_signal_checkpoints_then_requeues(tmp_path, script, nodes):
         assert c["--num_processes"] == str(4 * nodes) and c["--num_machines"] == str(nodes)
         assert c["--main_process_ip"] == "gpu07" and c["--main_process_port"] == "24242"
     assert f"run.dir={run_dir}" in (logs / "launch_commands").read_text()
+
+
+FAKE_SRUN_FINISHING = """
+touch "$LOG_DIR/started"
+# The trainer has passed its last STOP check: it completes the run and writes summary.json
+# (atomically), then shuts down (W&B, process group) while USR2 arrives; it never looks at STOP again.
+echo '{"top1": 71.0}' > "$RUN_DIR/.summary.json.tmp"
+mv "$RUN_DIR/.summary.json.tmp" "$RUN_DIR/summary.json"
+touch "$LOG_DIR/finished"
+for ((i = 0; i < 300; i++)); do  # exit only once the trap has run (it touches STOP)
+    [[ -e $RUN_DIR/STOP ]] && exit 0
+    sleep 0.1
+done
+exit 3
+"""
+
+
+@pytest.mark.parametrize("script,nodes", [("train.sbatch", 2), ("train_single_node.sbatch", 1)])
+def test_usr2_after_the_run_finished_does_not_requeue(tmp_path, script, nodes):
+    """USR2 after the trainer's last STOP check: the run completes (a new summary.json), so the job
+    ends without `scontrol requeue` and leaves no STOP file behind for a later run."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")  # an earlier run's, replaced by this one's
+    output = run_batch(tmp_path, script, nodes, FAKE_SRUN_FINISHING, signal_after="finished")
+    assert "USR2" in output  # the trap ran
+    assert not (tmp_path / "scontrol.log").exists(), output  # no requeue (nor any other call)
+    assert not (run_dir / "STOP").exists()
+    assert "top1" in (run_dir / "summary.json").read_text()
