@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from . import artifacts
+from .errors import QuestError
 
 MARKER = "COMPLETE"
 LOOP_STATE = "loop_state.json"
 IDENTITY = "run.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QuestError, RuntimeError):
     """No usable checkpoint, or a checkpoint of another run."""
 
 
@@ -204,6 +205,11 @@ def resume(accelerator, paths: list[str], log=print) -> tuple[LoopState, str] | 
         error = ""
         try:
             state = LoopState.from_json((Path(path) / LOOP_STATE).read_text())
+            # Accelerate unpickles custom_checkpoint_*.pkl fully; quest writes none, so such a file
+            # was planted: refuse the folder before anything of it is loaded.
+            planted = sorted(p.name for p in Path(path).glob("custom_checkpoint_*"))
+            if planted:
+                raise ValueError(f"unexpected {planted} (quest never writes them)")
             accelerator.load_state(path)
         except Exception as err:  # any failure: the previous checkpoint may still be good
             error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -221,6 +227,24 @@ def resume(accelerator, paths: list[str], log=print) -> tuple[LoopState, str] | 
             "run.dir/checkpoints to start this run again from step 0"
         )
     return None
+
+
+def check_same_run(accelerator, found: list[str], identity: dict, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint made by another run (its math fields or artifacts differ)."""
+    if not found:
+        return
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            problem = identity_mismatch(read_identity(found[0]), identity)
+        except (OSError, ValueError) as err:
+            problem = f"its {IDENTITY} is unreadable ({err})"
+    problem = broadcast(accelerator, problem)
+    if problem:
+        raise CheckpointError(
+            f"run.dir {run_dir} holds a checkpoint of another run ({problem}): resuming would mix "
+            "two runs; use a new run.dir (or put those values back to resume)"
+        )
 
 
 def backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import artifacts, distributed
+from .data import feature_loader
+from .errors import QuestError
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
 from .recipe import Level, Recipe
@@ -41,7 +43,7 @@ MATCH_FIELDS = (
 FEATURE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
-class CodebookError(ValueError):
+class CodebookError(QuestError, ValueError):
     """A codebook artifact that is missing, corrupt or made for another teacher/layer."""
 
 
@@ -122,7 +124,11 @@ def load_codebook(
         if not torch.is_tensor(centroids) or not isinstance(meta, dict):
             raise TypeError("expected a tensor 'centroids' and a dict 'meta'")
     except Exception as err:
-        raise CodebookError(f"{path} is not a readable quest codebook: {err}") from None
+        # torch's own message advises weights_only=False: never repeat that for a file of unknown origin
+        raise CodebookError(
+            f"{path} is not a readable quest codebook ({type(err).__name__}): a damaged file or "
+            "another format; quest loads tensors only and never unpickles arbitrary objects"
+        ) from None
     if meta.get("format") == "quest-codebook/1":
         raise CodebookError(
             f"{path} is a quest-codebook/1 artifact, written before codebooks carried a content hash "
@@ -309,12 +315,16 @@ def extract_samples(
 
 
 def build_codebooks(
-    recipe: Recipe, teacher, accelerator, loader, which: list[int] | None = None
+    recipe: Recipe,
+    levels: list[Level],
+    teacher,
+    accelerator,
+    loader,
+    which: list[int] | None = None,
 ) -> list[Codebook]:
-    """Fit the codebooks of the QuEST levels `which` (indices; default all) from one pass of the
-    teacher and write their artifacts (rank 0; an existing file is never replaced)."""
+    """Fit the codebooks of the QuEST `levels` (layers resolved) numbered `which` (default all) from
+    one pass of the teacher and write their artifacts (rank 0; an existing file is never replaced)."""
     cb = recipe.codebook
-    levels = recipe.quest_levels()
     which = list(range(len(levels))) if which is None else which
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     seed = kmeans_seed(recipe)
@@ -393,6 +403,44 @@ def build_codebooks(
     return books
 
 
+def ensure_codebooks(recipe: Recipe, teacher, accelerator) -> list[Codebook]:
+    """Each level's codebook: an existing artifact is loaded and must match this recipe (teacher,
+    layer, pool, K, seed, feature precision); only the missing ones are built, in one teacher pass.
+    An artifact is never rebuilt or overwritten: to rebuild one, delete it."""
+    from .build import quest_levels
+
+    resolved = quest_levels(recipe)
+    # Existing artifacts are validated first: a mismatch fails before any teacher pass.
+    books = [
+        load_codebook(lv.codebook, expected_meta(recipe, lv, accelerator.mixed_precision))
+        if Path(lv.codebook).is_file()
+        else None
+        for lv in resolved
+    ]
+    missing = [i for i, book in enumerate(books) if book is None]
+    if not missing:
+        return books
+    if not recipe.codebook.build:
+        raise CodebookError(
+            f"codebook.build = false and {[resolved[i].codebook for i in missing]} do not exist: "
+            "build them first with `python -m quest.codebook` on the recipe that defines them (the "
+            "recipe header says which)"
+        )
+    loader = feature_loader(
+        recipe.data,
+        seed=recipe.seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        max_images=recipe.codebook.max_images,
+        device=accelerator.device,
+    )
+    for i, book in zip(
+        missing, build_codebooks(recipe, resolved, teacher, accelerator, loader, missing)
+    ):
+        books[i] = book
+    return books
+
+
 def _faiss_version() -> str | None:
     try:
         import faiss
@@ -403,7 +451,7 @@ def _faiss_version() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> list[Codebook]:
-    from .train import build_teacher, ensure_codebooks, setup
+    from .build import build_teacher, input_shape, setup
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -411,7 +459,7 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
     with distributed.bounded(recipe.run.timeout_minutes, accelerator.process_index):
         distributed.stage("the codebook stage")
-        teacher = build_teacher(recipe, loaders, accelerator.device)
+        teacher = build_teacher(recipe, input_shape(loaders), accelerator.device)
         existed = [Path(level.codebook).is_file() for level in recipe.quest_levels()]
         books = ensure_codebooks(recipe, teacher, accelerator)
     if accelerator.is_main_process:
@@ -426,6 +474,6 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
 
 
 if __name__ == "__main__":
-    from .train import cli
+    from .build import cli
 
     cli(main)

@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from .errors import QuestError
+
 # Rank 0 clusters up to millions of vectors on the CPU while the other ranks wait.
 KMEANS_WAIT = timedelta(hours=3)
 
@@ -21,7 +23,7 @@ _long_group = None
 _stage = "start-up"
 
 
-class CollectiveTimeout(RuntimeError):
+class CollectiveTimeout(QuestError, RuntimeError):
     """Another rank did not reach a collective in time."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from .data import Loaders
+from .errors import TrainingError
+from .recipe import Recipe
+from .student import FrozenTeacher
 
 
 @torch.no_grad()
@@ -61,8 +67,38 @@ def evaluate(
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "count": int(sums[3])}
 
 
+def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, accelerator) -> float:
+    """Refuse a teacher that does not know the task (a random or wrong checkpoint), before any cost."""
+    floor = recipe.teacher.min_top1 if recipe.teacher.min_top1 >= 0 else 200.0 / loaders.num_classes
+    if floor == 0:
+        return float("nan")
+    n_batches = max(
+        1, math.ceil(512 / max(recipe.data.eval_batch_size or 2 * recipe.data.batch_size, 1))
+    )
+    result = evaluate(
+        teacher.model,
+        loaders.eval,
+        accelerator,
+        max_batches=n_batches,
+        channels_last=recipe.run.channels_last,
+    )
+    if result["top1"] < floor:
+        raise TrainingError(
+            f"teacher {recipe.teacher.arch} from {recipe.teacher.checkpoint} reaches only "
+            f"{result['top1']:.1f}% top-1 on {result['count']} evaluation images (floor {floor:.1f}%): "
+            "wrong or untrained weights? Set teacher.min_top1 = 0 to skip this check"
+        )
+    if accelerator.is_main_process:
+        print(
+            f"teacher check: {result['top1']:.1f} % top-1 on {result['count']} images "
+            f"(floor {floor:.1f} %)",
+            flush=True,
+        )
+    return result["top1"]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    from . import train
+    from . import build
 
     parser = argparse.ArgumentParser(prog="python -m quest.evaluate", description=__doc__)
     parser.add_argument("recipe")
@@ -74,9 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--teacher", action="store_true", help="evaluate the teacher instead")
     args = parser.parse_args(argv)
-    recipe, accelerator, loaders = train.setup(args.recipe, args.overrides)
+    recipe, accelerator, loaders = build.setup(args.recipe, args.overrides)
     if args.teacher:
-        model = train.build_teacher(recipe, loaders).model
+        model = build.build_teacher(recipe, build.input_shape(loaders)).model
         what = f"teacher {recipe.teacher.arch} ({recipe.teacher.checkpoint})"
     else:
         from .checkpoint import backbone_weights
@@ -101,6 +137,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .train import cli
+    from .build import cli
 
     cli(main)

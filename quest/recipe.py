@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import QuestError
 
-class RecipeError(ValueError):
+
+class RecipeError(QuestError, ValueError):
     """A recipe that cannot be used, with a message that says what to change."""
 
 
@@ -95,6 +97,13 @@ class Data:
         "",
         "transform family for folder/wds data; '' = the dataset's own",
         ("", "cifar", "imagenet", "mnist"),
+    )
+    flip: bool | str = _f(
+        "",
+        "random horizontal flip of training images: true, false, or '' = the transform family's "
+        "default (flip for cifar and imagenet, no flip for mnist: digits and text must not be "
+        "mirrored)",
+        ("", True, False),
     )
     val_fraction: float = _f(
         0.0,

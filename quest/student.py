@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .errors import QuestError
 from .losses import CosineHead
 
 
-class ModelError(ValueError):
+class ModelError(QuestError, ValueError):
     """A model, layer or checkpoint that cannot be used as asked."""
 
 

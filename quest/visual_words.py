@@ -59,7 +59,7 @@ def patch(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .train import build_teacher, setup, teacher_layers
+    from .build import build_teacher, input_shape, setup, teacher_layers
 
     parser = argparse.ArgumentParser(prog="python -m quest.visual_words", description=__doc__)
     parser.add_argument("recipe")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="output folder (default run.dir/inspect)")
     args = parser.parse_args(argv)
     recipe, accelerator, loaders = setup(args.recipe, args.overrides)
-    teacher = build_teacher(recipe, loaders, accelerator.device)
+    teacher = build_teacher(recipe, input_shape(loaders), accelerator.device)
     level = recipe.quest_levels()[0]
     book = load_codebook(level.codebook)
     loader = feature_loader(recipe.data, seed=recipe.seed, rank=0, world=1, max_images=args.images)
@@ -143,6 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from .train import cli
+    from .build import cli
 
     cli(main)

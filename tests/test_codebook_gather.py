@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from quest import codebook
 from quest import recipe as R
+from quest.build import quest_levels
 from quest.kmeans import KMeansResult
 
 pytestmark = pytest.mark.slow
@@ -109,8 +110,9 @@ def run_cases(tmp, rank: int, world: int, data) -> dict:
         seen: list = []
         codebook.fit_kmeans = recording_kmeans(seen)
         try:
+            r = recipe(tmp, name, **keys)
             (book,) = codebook.build_codebooks(
-                recipe(tmp, name, **keys), teacher, FakeAccelerator(rank, world), data
+                r, quest_levels(r), teacher, FakeAccelerator(rank, world), data
             )
             # numpy: travels between processes by value (a tensor travels as a file descriptor)
             out[name] = (seen[0].numpy() if seen else None, book.meta["vectors_seen"])

@@ -199,6 +199,7 @@ def _accum_rank(rank: int, world: int, port: int, images, labels, accum: int, ou
     from accelerate import Accelerator
 
     from quest import recipe, train
+    from quest.distiller import Distiller
     from quest.student import Student
 
     accelerator = Accelerator(cpu=True)
@@ -207,10 +208,9 @@ def _accum_rank(rank: int, world: int, port: int, images, labels, accum: int, ou
     student, optimizer = accelerator.prepare(student, optimizer)
     per_rank = images.shape[0] // world
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    distill = recipe.Distill(method="none")
-    train.train_step(
-        student, None, [], [], distill, optimizer, accelerator, images[mine], labels[mine], accum, 0
-    )
+    distiller = Distiller(None, [], [], recipe.Distill(method="none"))
+    batch = (images[mine], labels[mine])
+    train.train_step(student, distiller, optimizer, accelerator, batch, train.Step(accum))
     flat = torch.cat([p.detach().flatten() for p in student.parameters()])
     gathered = accelerator.gather(flat[None])  # every rank's parameters, bit for bit
     if rank == 0:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from quest import codebook, kmeans, train
+from quest import build, codebook, kmeans
 from quest import recipe as R
 from quest.artifacts import atomic_write
 from quest.codebook import (
@@ -510,13 +510,13 @@ def test_ensure_codebooks_builds_only_the_missing_level(tmp_path):
         + '[[levels]]\nteacher_layer = "layer3"\nstudent_layer = "layer3"\n'
         + f'codebook = "{tmp_path / "cb_layer3.pt"}"\n'
     )
-    r, accelerator, loaders = train.setup(str(recipe), [])
-    teacher = train.build_teacher(r, loaders, accelerator.device)
-    first = train.ensure_codebooks(r, teacher, accelerator)
+    r, accelerator, loaders = build.setup(str(recipe), [])
+    teacher = build.build_teacher(r, loaders, accelerator.device)
+    first = codebook.ensure_codebooks(r, teacher, accelerator)
     layer2, layer3 = tmp_path / "cb_layer2.pt", tmp_path / "cb_layer3.pt"
     kept = layer2.stat()
     layer3.unlink()
-    second = train.ensure_codebooks(r, teacher, accelerator)
+    second = codebook.ensure_codebooks(r, teacher, accelerator)
     assert layer2.stat().st_ino == kept.st_ino and layer2.stat().st_mtime_ns == kept.st_mtime_ns
     assert second[0].digest == first[0].digest
     assert layer3.is_file() and second[1].centroids.shape == (16, 64)

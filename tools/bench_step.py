@@ -21,17 +21,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quest import build, train
 from quest import recipe as recipes
-from quest import train
+from quest.build import InputShape
 from quest.codebook import Codebook
 from quest.data import DEFAULT_SIZE, family
+from quest.distiller import Distiller
 from quest.kmeans import available_cpus, fit_kmeans
 from quest.losses import CosineHead, flatten_locations, quest_loss, soft_assign
 from quest.models import build_model
@@ -40,21 +41,23 @@ from quest.student import FrozenTeacher, fold_batchnorm, map_shapes, probe_input
 CLASSES = {"fashion_mnist": 10, "cifar100": 100, "imagenet": 1000, "mit67": 67}
 
 
-def dataset_shape(r: recipes.Recipe, size: int) -> SimpleNamespace:
+def dataset_shape(r: recipes.Recipe, size: int) -> InputShape:
     fam = family(r.data)
     classes = r.data.num_classes or CLASSES.get(r.data.dataset, r.data.synthetic_classes)
-    return SimpleNamespace(
+    return InputShape(
         num_classes=classes,
         in_channels=1 if fam == "mnist" else 3,
         image_size=size or r.data.image_size or DEFAULT_SIZE[fam],
     )
 
 
-def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool, fold: bool):
+def build_models(
+    r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool, fold: bool
+):
     """Teacher, random codebooks and student exactly as quest.train builds them."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    layers, pools = train.teacher_layers(r)
+    layers, pools = build.teacher_layers(r)
     teacher = FrozenTeacher(
         build_model(r.teacher.arch, info.num_classes, info.in_channels),
         layers,
@@ -67,7 +70,7 @@ def build(r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bo
         Codebook(torch.randn(r.codebook.size, s[0]) * 0.5, {}).to(accelerator.device)
         for s in shapes
     ]
-    student = train.build_student(r, info, books, shapes).to(
+    student = build.build_student(r, info, books, shapes).to(
         accelerator.device, memory_format=memory
     )
     optimizer = torch.optim.SGD(
@@ -121,7 +124,7 @@ def reference_step(
 def build_reference(r, info, device, channels_last: bool, fold: bool):
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    layers, pools = train.teacher_layers(r)
+    layers, pools = build.teacher_layers(r)
     t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels)
     t_net.eval().requires_grad_(False)
     if fold:
@@ -134,7 +137,7 @@ def build_reference(r, info, device, channels_last: bool, fold: bool):
     t_net.get_submodule(layers[0]).register_forward_hook(
         lambda m, i, o: t_maps.__setitem__("map", o)
     )
-    s_layer = train.student_layers(r)[0]
+    s_layer = build.student_layers(r)[0]
     s_net.get_submodule(s_layer).register_forward_hook(lambda m, i, o: s_maps.__setitem__("map", o))
     t_shape = map_shapes(t_net, layers[:1], info.in_channels, info.image_size)[0]
     s_shape = map_shapes(s_net, [s_layer], info.in_channels, info.image_size)[0]
@@ -150,7 +153,7 @@ def build_reference(r, info, device, channels_last: bool, fold: bool):
         nesterov=True,
         weight_decay=5e-4,
     )
-    beta = r.quest_levels()[0].beta
+    beta = build.quest_levels(r)[0].beta
     return lambda x, y, autocast: reference_step(
         t_net, t_maps, s_net, s_maps, head_w, gamma, centroids, beta, pools[0], opt, x, y, autocast
     )
@@ -174,7 +177,9 @@ def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
-    teacher, books, student, optimizer = build(r, info, accelerator, channels_last, compile, fold)
+    teacher, books, student, optimizer = build_models(
+        r, info, accelerator, channels_last, compile, fold
+    )
     reference = build_reference(r, info, device, channels_last, fold)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(1)
@@ -182,12 +187,12 @@ def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup
         device, memory_format=memory
     )
     y = torch.randint(0, info.num_classes, (batch,), generator=g).to(device)
-    levels = r.quest_levels()
+    levels = build.quest_levels(r)
+
+    distiller = Distiller(teacher, books, levels, r.distill, accelerator.autocast)
 
     def ours():
-        train.train_step(
-            student, teacher, books, levels, r.distill, optimizer, accelerator, x, y, 1, 0.0
-        )
+        train.train_step(student, distiller, optimizer, accelerator, (x, y), train.Step())
 
     def ref():
         reference(x, y, accelerator.autocast)
@@ -208,10 +213,10 @@ def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup
 
 def quest_part_seconds(r, info, books, accelerator, batch, repeats, student):
     """Soft assignment + cosine head + QuEST loss (forward and backward) at the recipe's shapes."""
-    level = r.quest_levels()[0]
+    level = build.quest_levels(r)[0]
     student_shape = map_shapes(
         accelerator.unwrap_model(student).backbone,
-        train.student_layers(r)[:1],
+        build.student_layers(r)[:1],
         info.in_channels,
         info.image_size,
     )[0]
