@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import artifacts
 from .errors import QuestError
+from .recipe_checks import flat
 
 MARKER = "COMPLETE"
 LOOP_STATE = "loop_state.json"
@@ -71,6 +74,46 @@ def plain_json(obj) -> str:
         return v
 
     return json.dumps(clean(obj), indent=1, sort_keys=True, allow_nan=False)
+
+
+# Keys a resumed run may change: where and how it runs, not what it computes. Every other key must
+# equal the checkpoint's; the teacher and codebook files are compared by content, not by path.
+LOGISTICS = frozenset(
+    {
+        "name",
+        "run.dir",
+        "run.cpu",
+        "run.compile",
+        "run.channels_last",
+        "run.log_every",
+        "run.save_every",
+        "run.save_minutes",
+        "run.keep_checkpoints",
+        "run.eval_every",
+        "run.wandb",
+        "run.wandb_project",
+        "run.max_steps",
+        "run.timeout_minutes",
+        "data.root",
+        "data.num_workers",
+        "data.eval_batch_size",
+        "data.train_shards",
+        "data.val_shards",
+        "data.shard_index",
+        "teacher.checkpoint",
+        "teacher.recipe",
+        "teacher.min_top1",
+        "codebook.path",
+        "codebook.build",
+        "codebook.gpu",
+        "levels.codebook",
+    }
+)
+
+
+def math_fields(recipe) -> dict[str, Any]:
+    """The recipe's keys that change what a run computes, flat ('optim.lr', 'levels[0].beta')."""
+    return {k: v for k, v in flat(recipe).items() if re.sub(r"\[\d+\]", "", k) not in LOGISTICS}
 
 
 def folder(run_dir: Path, step: int) -> Path:

@@ -8,3 +8,7 @@ class QuestError(Exception):
 
 class TrainingError(QuestError, RuntimeError):
     """The run cannot go on (non-finite loss, a teacher that does not know the task, ...)."""
+
+
+class RecipeError(QuestError, ValueError):
+    """A recipe that cannot be used, with a message that says what to change."""

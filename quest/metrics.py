@@ -113,34 +113,106 @@ def drop_after(run_dir: Path, step: int) -> int:
     return max((r.get("step", 0) for r in records), default=-1)
 
 
-def plot_curves(run_dir: Path) -> Path | None:
-    """curves.png: training loss (and its parts) per step, evaluation top-1 per epoch."""
-    records = read_metrics(run_dir)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    if not train and not evals:
+# curves.png: one panel per quantity, in this order, each drawn only when some record holds one of
+# its keys (a plain supervised or KD run has no codebook diagnostics). Keys: "name" matches exactly,
+# "name*" matches name and its per-level variants (quest_1, agreement_1, ...), each its own line.
+# (title, y label, record kind, keys, y scale: "log", "linear" or "auto" = log when it spans 20x)
+PANELS = (
+    ("training loss", "loss", "train", ("loss", "ce", "quest*", "kd"), "log"),
+    ("evaluation accuracy", "accuracy (%)", "eval", ("top1", "top5"), "linear"),
+    ("learning rate", "learning rate", "train", ("lr",), "auto"),
+    (
+        "word agreement, student vs teacher",
+        "fraction of locations",
+        "train",
+        ("agreement*",),
+        "linear",
+    ),
+    ("target perplexity (words in use)", "perplexity", "train", ("perplexity*",), "linear"),
+    ("γ (cosine-head scale)", "γ", "train", ("gamma*",), "linear"),
+)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return key.startswith(pattern[:-1]) if pattern.endswith("*") else key == pattern
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def curve_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What curves.png draws: panel title -> series (the record key) -> [(step, value)], panels in
+    PANELS order. Non-finite and non-numeric values are left out, and so is a panel without points."""
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for title, _, kind, patterns, _ in PANELS:
+        rows = [r for r in records if r.get("kind") == kind and _number(r.get("step"))]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for pattern in patterns:
+            keys = {k for r in rows for k in r if k != "step" and _matches(k, pattern)}
+            for key in sorted(keys, key=lambda k: (len(k), k)):  # quest, quest_0, ..., quest_10
+                points = [(r["step"], r[key]) for r in rows if _number(r.get(key))]
+                if points and key not in series:
+                    series[key] = points
+        if series:
+            panels[title] = series
+    return panels
+
+
+def run_title(run_dir: Path) -> str:
+    """The run's name: recipe.json "name" when the run directory has one, else the folder name."""
+    run_dir = Path(run_dir)
+    try:
+        name = json.loads((run_dir / "recipe.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else run_dir.resolve().name
+
+
+def curves_figure(records: list[dict], title: str):
+    """The matplotlib figure of curve_series(records): a grid of up to 3 panels a row, all against
+    the optimizer step; the run's name as its title. None when there is nothing to draw."""
+    panels = curve_series(records)
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "ce", "quest", "kd"):
-        pts = [(r["step"], r[key]) for r in train if key in r]
-        if pts:
-            ax1.plot(*zip(*pts), label=key)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss")
-    ax1.set_yscale("log")
-    ax1.legend()
-    if evals:
-        ax2.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], marker="o", label="top-1")
-        ax2.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], marker=".", label="top-5")
-        ax2.legend()
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("evaluation accuracy (%)")
+    specs = {p[0]: p for p in PANELS}
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.5), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        _, ylabel, kind, _, scale = specs[name]
+        for key, points in series.items():
+            ax.plot(*zip(*points), label=key, marker="o" if kind == "eval" else None, ms=3)
+        values = [v for points in series.values() for _, v in points]
+        positive = min(values) > 0
+        if positive and (scale == "log" or (scale == "auto" and max(values) >= 20 * min(values))):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """curves.png in run_dir from its metrics.jsonl (see curves_figure); None when there are no
+    records to draw."""
+    fig = curves_figure(read_metrics(run_dir), run_title(run_dir))
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     out = Path(run_dir) / "curves.png"
     artifacts.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

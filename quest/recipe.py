@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import json
-import math
-import re
 import tomllib
 import types
 import typing
@@ -23,11 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import QuestError
-
-
-class RecipeError(QuestError, ValueError):
-    """A recipe that cannot be used, with a message that says what to change."""
+from .errors import RecipeError
+from .recipe_checks import validate
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, factory: Any = None):
@@ -37,7 +31,7 @@ def _f(default: Any, help: str, choices: tuple | None = None, factory: Any = Non
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """Where and how the run executes."""
 
@@ -71,7 +65,7 @@ class Run:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Data:
     """What the student learns from and is evaluated on."""
 
@@ -118,7 +112,7 @@ class Data:
     synthetic_classes: int = _f(4, "synthetic dataset: classes")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Teacher:
     """The frozen network whose feature map is quantised."""
 
@@ -140,7 +134,7 @@ class Teacher:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Student:
     """The network being trained."""
 
@@ -148,7 +142,7 @@ class Student:
     layer: str = _f("", "module path of the student map; '' = the architecture's default")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Codebook:
     """The teacher's visual words: k-means centroids of its feature vectors."""
 
@@ -168,7 +162,7 @@ class Codebook:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Level:
     """One teacher/student layer pair of multi-level QuEST (the [[levels]] array of tables)."""
 
@@ -180,7 +174,7 @@ class Level:
     weight: float = _f(1.0, "multiplies this level's loss (quest_weight multiplies the sum)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distill:
     """The training objective."""
 
@@ -194,7 +188,7 @@ class Distill:
     bias: bool = _f(False, "zero-initialised bias in the codeword head")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Optim:
     """SGD and the learning-rate schedule (a pure function of the step)."""
 
@@ -215,7 +209,7 @@ class Optim:
     clip_grad: float = _f(0.0, "clip the gradient norm to this value; 0 = off (the norm is logged)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     name: str = _f("run", "run name")
     seed: int = _f(0, "seed of everything: model init, data order, augmentation, k-means")
@@ -348,129 +342,10 @@ def apply_overrides(table: dict, overrides: list[str]) -> dict:
     return table
 
 
-# Numeric keys that may be negative (a documented -1 meaning); every other number must be ≥ 0.
-SIGNED = frozenset({"codebook.seed", "teacher.min_top1"})
-
-
-def flat(recipe: Recipe) -> dict[str, Any]:
-    """Every key of the recipe with its value, flat ('optim.lr', 'levels[0].beta')."""
-    out: dict[str, Any] = {}
-    for key, value in to_dict(recipe).items():
-        if key == "levels":
-            for i, level in enumerate(value):
-                out.update({f"levels[{i}].{k}": v for k, v in level.items()})
-        elif isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
-def _numbers(recipe: Recipe) -> dict[str, float]:
-    """Every number of the recipe, list items included ('optim.milestones[1]')."""
-    items = []
-    for key, value in flat(recipe).items():
-        items += (
-            [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else []
-        )
-        items.append((key, value))
-    return {k: v for k, v in items if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def _check_archs(recipe: Recipe) -> None:
-    from .models import _TORCHVISION_ARCHS, canonical_arch
-
-    for key, arch in (("student.arch", recipe.student.arch), ("teacher.arch", recipe.teacher.arch)):
-        if key == "teacher.arch" and not recipe.uses_teacher:
-            continue
-        try:
-            canonical_arch(arch)
-        except ValueError as err:
-            raise RecipeError(f"'{key}': {err}") from None
-    source = recipe.teacher.checkpoint
-    if recipe.uses_teacher and source and not _looks_like_a_file(source):
-        name = canonical_arch(recipe.teacher.arch)
-        if name not in _TORCHVISION_ARCHS and not name.startswith("tv:"):
-            raise RecipeError(
-                f"'teacher.checkpoint' = {source!r} is not a file, and a torchvision weights name "
-                f"only exists for the torchvision archs ({sorted(_TORCHVISION_ARCHS)}, 'tv:<name>'), "
-                f"not {recipe.teacher.arch!r}: give the teacher's state-dict file (or set "
-                "teacher.recipe to train it first)"
-            )
-
-
-def _looks_like_a_file(source: str) -> bool:
-    return "/" in source or source.endswith((".pt", ".pth", ".bin")) or Path(source).exists()
-
-
-def _validate(recipe: Recipe) -> None:
-    """Cross-field checks that no single type can express."""
-    for key, value in _numbers(recipe).items():
-        if not math.isfinite(value):
-            raise RecipeError(f"'{key}' must be a finite number, got {value}")
-        if value < 0 and key not in SIGNED:
-            raise RecipeError(f"'{key}' must not be negative, got {value}")
-    if recipe.data.num_classes == 1:
-        raise RecipeError(
-            "'data.num_classes' = 1 leaves nothing to classify: use 0 (the dataset's "
-            "own count) or at least 2"
-        )
-    if Path(recipe.run.dir).exists() and not Path(recipe.run.dir).is_dir():
-        raise RecipeError(f"'run.dir' = {recipe.run.dir!r} is an existing file, not a directory")
-    positive = {
-        "data.batch_size": recipe.data.batch_size,
-        "optim.epochs": recipe.optim.epochs,
-        "codebook.size": recipe.codebook.size,
-        "codebook.iterations": recipe.codebook.iterations,
-        "run.grad_accum": recipe.run.grad_accum,
-        "run.log_every": recipe.run.log_every,
-        "run.eval_every": recipe.run.eval_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise RecipeError(f"'{key}' must be positive, got {value}")
-    if not recipe.run.timeout_minutes > 0:
-        raise RecipeError(
-            f"'run.timeout_minutes' must be positive, got {recipe.run.timeout_minutes}"
-        )
-    if recipe.optim.lr <= 0:
-        raise RecipeError(f"'optim.lr' must be positive, got {recipe.optim.lr}")
-    if recipe.optim.nesterov and recipe.optim.momentum <= 0:
-        raise RecipeError(
-            "'optim.nesterov' needs optim.momentum > 0: set nesterov = false or a momentum"
-        )
-    if not 0.0 <= recipe.data.val_fraction < 1.0:
-        raise RecipeError(f"'data.val_fraction' must be in [0, 1), got {recipe.data.val_fraction}")
-    if not 0.0 < recipe.data.keep_fraction <= 1.0:
-        raise RecipeError(
-            f"'data.keep_fraction' must be in (0, 1], got {recipe.data.keep_fraction}"
-        )
-    milestones = recipe.optim.milestones
-    if any(b <= a for a, b in itertools.pairwise(milestones)):
-        raise RecipeError(f"'optim.milestones' must increase, got {recipe.optim.milestones}")
-    if recipe.uses_teacher and not recipe.teacher.arch:
-        raise RecipeError(
-            f"distill.method = '{recipe.distill.method}' needs a teacher: set 'teacher.arch' "
-            "and 'teacher.checkpoint' (or use method 'none')"
-        )
-    if not recipe.student.arch:
-        raise RecipeError("'student.arch' is required (see quest.models.ARCHS)")
-    _check_archs(recipe)
-    if recipe.uses_quest:
-        for i, level in enumerate(recipe.quest_levels()):
-            if not level.codebook:
-                where = f"levels[{i}].codebook" if recipe.levels else "codebook.path"
-                raise RecipeError(f"QuEST needs a codebook path: set '{where}'")
-            if level.pool < 1 or level.beta <= 0:
-                raise RecipeError(f"level {i}: pool must be ≥ 1 and beta > 0")
-    if recipe.data.dataset == "wds" and not (recipe.data.train_shards and recipe.data.val_shards):
-        raise RecipeError("data.dataset = 'wds' needs 'data.train_shards' and 'data.val_shards'")
-
-
 def from_dict(table: dict, source: str = "<recipe>") -> Recipe:
     try:
         recipe = _build(Recipe, table, "")
-        _validate(recipe)
+        validate(recipe)
     except RecipeError as err:
         raise RecipeError(f"{source}: {err}") from None
     return recipe
@@ -490,48 +365,6 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     except RecipeError as err:
         raise RecipeError(f"{path}: {err}") from None
     return from_dict(table, str(path))
-
-
-# --------------------------------------------------------------------------------------- identity
-
-# Keys a resumed run may change: where and how it runs, not what it computes. Every other key must
-# equal the checkpoint's; the teacher and codebook files are compared by content, not by path.
-LOGISTICS = frozenset(
-    {
-        "name",
-        "run.dir",
-        "run.cpu",
-        "run.compile",
-        "run.channels_last",
-        "run.log_every",
-        "run.save_every",
-        "run.save_minutes",
-        "run.keep_checkpoints",
-        "run.eval_every",
-        "run.wandb",
-        "run.wandb_project",
-        "run.max_steps",
-        "run.timeout_minutes",
-        "data.root",
-        "data.num_workers",
-        "data.eval_batch_size",
-        "data.train_shards",
-        "data.val_shards",
-        "data.shard_index",
-        "teacher.checkpoint",
-        "teacher.recipe",
-        "teacher.min_top1",
-        "codebook.path",
-        "codebook.build",
-        "codebook.gpu",
-        "levels.codebook",
-    }
-)
-
-
-def math_fields(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's keys that change what a run computes, flat ('optim.lr', 'levels[0].beta')."""
-    return {k: v for k, v in flat(recipe).items() if re.sub(r"\[\d+\]", "", k) not in LOGISTICS}
 
 
 # --------------------------------------------------------------------------------------- writing

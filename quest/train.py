@@ -160,7 +160,7 @@ def prepare(recipe: Recipe, accelerator, loaders: Loaders):
     found = checkpoint.candidates(accelerator, run_dir)
     # run.precision 'auto' may resolve differently on another machine: the resolved one counts.
     identity = {
-        "recipe": {**recipes.math_fields(recipe), "run.precision": accelerator.mixed_precision}
+        "recipe": {**checkpoint.math_fields(recipe), "run.precision": accelerator.mixed_precision}
     }
     if recipe.uses_teacher:
         identity["recipe"]["teacher.weights"] = teacher_weights_id(recipe.teacher.checkpoint)

@@ -10,18 +10,17 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from quest import recipe as R
+from quest.build import InputShape, build_teacher, student_layers, teacher_layers
 from quest.codebook import kmeans_seed, teacher_weights_id
 from quest.data import TrainBatches, family, image_size, load_split, mit67, per_class_subset
 from quest.models import PRE_RELU_LAYER, build_model, canonical_arch, feature_layer
 from quest.student import ModelError, load_state, load_strict, map_shapes
-from quest.train import build_teacher, student_layers, teacher_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("**/*.toml"))
@@ -52,7 +51,7 @@ def in_channels(r: R.Recipe) -> int:
 
 
 def is_weights_name(checkpoint: str) -> bool:
-    """A torchvision weights enum name rather than a file (the rule of quest.train.build_teacher)."""
+    """A torchvision weights enum name rather than a file (the rule of quest.build.build_teacher)."""
     return not ("/" in checkpoint or checkpoint.endswith((".pt", ".pth", ".bin")))
 
 
@@ -305,7 +304,7 @@ def test_pair_recipe_takes_a_repdistiller_teacher(tmp_path):
     r = R.load(
         ROOT / "recipes" / "cifar100" / "vgg13_mobilenetv2.toml", [f'teacher.checkpoint="{path}"']
     )
-    teacher = build_teacher(r, SimpleNamespace(num_classes=100, in_channels=3, image_size=32))
+    teacher = build_teacher(r, InputShape(num_classes=100, in_channels=3, image_size=32))
     assert teacher.folded > 0  # BNs folded, and the pre-ReLU tap still sees the BN output
     assert teacher.layers == ["block4"] and teacher.pools == [2]
     with torch.no_grad():

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--words", type=int, default=256)
     parser.add_argument("--random-teacher", action="store_true")
     parser.add_argument("--size", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     recipe, _, loaders = build.setup(args.recipe, ["run.cpu=true", *args.overrides])
     layers, pools = build.teacher_layers(recipe)
     if args.random_teacher:

@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--kmeans", default="200000,256,64", help="n,k,d for the k-means rate ('' to skip)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     r = recipes.load(args.recipe, args.overrides)
     if not r.uses_quest:
         sys.exit("bench_step needs a QuEST recipe (distill.method quest or quest+kd)")
