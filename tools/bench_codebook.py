@@ -1,4 +1,4 @@
-"""Benchmark the codebook stage's feature collection (quest.codebook.VectorSample) at N and 4N vectors.
+"""Benchmark the codebook stage's feature collection (quest.vectors.VectorSample) at N and 4N vectors.
 
     python tools/bench_codebook.py [--n 500000] [--dim 128] [--batch 64] [--hw 8] [--capacity 0]
 
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quest.codebook import VectorSample
+from quest.vectors import VectorSample
 from quest.losses import flatten_locations
 
 
