@@ -89,7 +89,8 @@ class Data:
     )
     transforms: str = _f(
         "",
-        "transform family for folder/wds data; '' = the dataset's own",
+        "transform family; '' = the dataset's own, and for folder/wds data the family chosen from "
+        "the images' size and channels (printed at start)",
         ("", "cifar", "imagenet", "mnist"),
     )
     flip: bool | str = _f(

@@ -3,6 +3,7 @@ training batch counts, corrupt members, missing shards and resumable conversion 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import http.server
@@ -21,6 +22,7 @@ import pytest
 import torch
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
 
+from quest import data as qdata
 from quest import shards
 from quest.data import DataError, transforms
 from quest.recipe import Data
@@ -406,7 +408,7 @@ def test_shards_over_http_and_pipes(unique_labels):
         )
         with pytest.raises(DataError, match=r"sizes\.json for pipe:cat .* data\.shard_index"):
             build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
-        cfg.shard_index = f"{base}/sizes.json"
+        cfg = dataclasses.replace(cfg, shard_index=f"{base}/sizes.json")
         loaders = build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
         assert (loaders.train_size, loaders.eval_size) == (24, 12)
         assert sorted(int(v) for _, y in loaders.eval for v in y) == list(range(12))
@@ -557,17 +559,17 @@ def test_truncated_shard(tmp_path):
 
 def test_missing_shard_is_a_clear_error(tmp_path):
     out = _shard_dir(tmp_path, "none")
-    cfg = _bad_cfg(out, 0)
-    cfg.train_shards = str(out / "train-{000000..000002}.tar")
+    cfg = dataclasses.replace(
+        _bad_cfg(out, 0), train_shards=str(out / "train-{000000..000002}.tar")
+    )
     with pytest.raises(DataError, match=r"2 of 3 shards do not exist, first .*train-000001\.tar"):
         build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
     (out / "other.json").write_text('{"epochs": 3}')
-    cfg = _bad_cfg(out, 0)
-    cfg.shard_index = str(out / "other.json")
+    cfg = dataclasses.replace(_bad_cfg(out, 0), shard_index=str(out / "other.json"))
     with pytest.raises(DataError, match=r"other\.json is not a size index .* data\.shard_index"):
         build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
     (out / "sizes.json").unlink()
-    with pytest.raises(DataError, match=r"sizes\.json"):
+    with pytest.raises(DataError, match=r"sizes\.json .*`python -m quest\.shards index '.*"):
         build_wds_loaders(_bad_cfg(out, 0), seed=0, rank=0, world=1, pin=False)
 
 
@@ -612,3 +614,97 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
     # a different plan into the same folder is refused instead of mixing shards
     with pytest.raises(DataError, match="different conversion"):
         convert(tmp_path / "src", out, shard_size=4, seed=1, workers=1, progress=False)
+
+
+# --------------------------------------------------------------------------------------- families
+
+
+def test_converter_records_grey_digits_as_mnist_with_one_channel(tmp_path, capsys):
+    """28-px grey PNGs were recorded as family "imagenet", 3 channels: trained at 224 px in colour."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for i in range(n):
+            folder = tmp_path / "src" / split / f"digit{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            img = torch.randint(0, 256, (1, 28, 28), generator=g, dtype=torch.uint8)
+            (folder / f"{i}.png").write_bytes(encode_png(img).numpy().tobytes())
+    index = convert(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    assert (index["family"], index["channels"]) == ("mnist", 1)
+    assert index["image_size"] == 28 and "grey" in index["family_reason"]
+    assert read_all(tmp_path / "out", "val", ImageReadMode.GRAY).total() == 4
+    qdata._RESOLVED.clear()
+    cfg = Data(
+        dataset="wds",
+        train_shards=str(tmp_path / "out" / "train-000000.tar"),
+        val_shards=str(tmp_path / "out" / "val-000000.tar"),
+        batch_size=4,
+        num_workers=0,
+    )
+    loaders = build_wds_loaders(cfg, seed=0, rank=0, world=1, pin=False)
+    assert (loaders.in_channels, loaders.image_size) == (1, 28)
+    assert next(iter(loaders.train))[0].shape == (4, 1, 28, 28)
+    assert 'transforms "mnist" at 28 px, 1 channel, no flip' in capsys.readouterr().out
+
+
+def write_foreign_shards(out: Path) -> dict[str, str]:
+    """Shards as webdataset's ShardWriter writes them for another project: png (and some jpeg)
+    bytes under the image key, the label as an int under `cls`, no quest index. The synthetic
+    4-class task at 16 px, 192 training samples in 4 shards, 64 validation samples in 2."""
+    import webdataset as wds
+
+    out.mkdir()
+    patterns = {}
+    for split, n, seed, per_shard in (("train", 192, 1234, 48), ("val", 64, 1235, 32)):
+        images = qdata.synthetic(n, 4, 3, 16, seed=seed)
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            for i, (img, label) in enumerate(zip(images.images, images.labels)):
+                if i % 5 == 4:
+                    sample = {"jpeg": encode_jpeg(img, quality=95).numpy().tobytes()}
+                else:
+                    sample = {"png": encode_png(img).numpy().tobytes()}
+                sink.write({"__key__": f"sample{i:06d}", **sample, "cls": int(label)})
+        last = n // per_shard - 1
+        patterns[f"{split}_shards"] = str(out / f"{split}-{{000000..{last:06d}}}.tar")
+    return patterns
+
+
+def test_shards_from_another_tool_get_an_index_and_train(tmp_path, capsys, one_thread):
+    from conftest import tiny
+
+    from quest import train
+
+    patterns = write_foreign_shards(tmp_path / "foreign")
+    recipe = tiny(
+        tmp_path, "foreign", data__dataset="wds", **{f"data__{k}": v for k, v in patterns.items()}
+    )
+    with pytest.raises(DataError) as info:  # before: no word of how to make the index
+        train.main([str(recipe)])
+    assert "python -m quest.shards index" in str(info.value)
+    assert patterns["train_shards"] in str(info.value)
+
+    assert shards.main(["index", patterns["train_shards"], patterns["val_shards"]]) == 0
+    said = capsys.readouterr().out
+    assert "train: 192 samples in 4 shards" in said and "val: 64 samples in 2 shards" in said
+    index = json.loads((tmp_path / "foreign" / "sizes.json").read_text())
+    assert index["classes"] == ["0", "1", "2", "3"] and index["num_classes"] == 4
+    assert (index["family"], index["channels"], index["image_size"]) == ("cifar", 3, 16)
+    assert index["splits"]["train"]["shards"] == {f"train-{i:06d}.tar": 48 for i in range(4)}
+    assert index["splits"]["val"]["total"] == 64
+
+    qdata._RESOLVED.clear()
+    result = train.main([str(recipe), "optim.epochs=2"])
+    assert result["top1"] >= 0 and (tmp_path / "foreign" / "student.pt").is_file()
+    assert 'transforms "cifar" at 16 px' in capsys.readouterr().out
+    summary = json.loads((tmp_path / "foreign" / "summary.json").read_text())
+    assert summary["skipped_train_samples"] == 0  # the jpeg-keyed samples were read too
+
+
+def test_index_command_reports_samples_it_cannot_train_on(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "s").mkdir()
+    with wds.ShardWriter(str(tmp_path / "s" / "caps-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "jpg": b"\xff\xd8\xff", "txt": "a caption"})
+    with pytest.raises(DataError, match=r"no sample .* has an image .* and an integer cls"):
+        shards.build_index([str(tmp_path / "s" / "caps-000000.tar")], progress=False)

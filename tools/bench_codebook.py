@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quest.vectors import VectorSample
 from quest.losses import flatten_locations
+from quest.vectors import VectorSample
 
 
 def peak_rss() -> int:

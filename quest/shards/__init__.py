@@ -12,9 +12,16 @@ MIT-67 into tar shards of `<key>.<jpg|png|webp|gif>` + `<key>.cls` members:
   pure function of the source and the seed, checked against `.quest-shards-plan.json`);
 - a file that cannot be decoded is reported (path and reason) and skipped;
 - `sizes.json`, written last: per-shard counts, totals, classes, channels, transform family, source,
-  seed. Streams have no length, so the readers take every size from it.
+  seed. Streams have no length, so the readers take every size from it. A folder's family and
+  channels come from its images (`quest.data.choose_family`: 28-px grey digits are "mnist", one
+  channel; photos "imagenet", three).
 
-Readers (see ENGINEERING §3). Training: each (rank, worker) draws shards with replacement from an RNG
+Shards written by other tools (webdataset's `ShardWriter`, timm or img2dataset writers: an image
+under `jpg`, `jpeg`, `png` or `webp` and the label under `cls`) need only the size index:
+`python -m quest.shards index PATTERN [PATTERN ...]` (`quest.shards.index`) reads them once and writes
+it. Its format is documented in `quest.shards.read`, which reads it.
+
+Readers. Training: each (rank, worker) draws shards with replacement from an RNG
 seeded by (seed, epoch, rank, worker), streams them through a shuffle buffer of encoded bytes, decodes
 with `torchvision.io.decode_image` and applies the same v2 transforms as the map-style path, and yields
 exactly its share of `batches_per_epoch` full batches, so every rank takes the same number of steps.
@@ -23,6 +30,7 @@ the size index, so every sample is read exactly once and the readers stay balanc
 shards than readers. Neither loader may go through `accelerator.prepare`.
 """
 
+from .index import build_index
 from .read import (
     Batcher,
     ExactStream,
@@ -56,6 +64,7 @@ __all__ = [
     "StreamBatches",
     "ToModelInput",
     "TrainStream",
+    "build_index",
     "build_wds_loaders",
     "convert",
     "decode_sample",

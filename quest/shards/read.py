@@ -1,9 +1,38 @@
-"""WebDataset readers for training and evaluation (dataset = "wds"; see the package docstring)."""
+"""WebDataset readers for training and evaluation (dataset = "wds"; see the package docstring).
+
+Shards are tar files of samples: members `<key>.<ext>` sharing a key (the file name up to its first
+dot) form one sample; a sample needs an image (`jpg`, `jpeg`, `png`, `webp` or `gif`) and a `cls`
+member holding the integer label as text. Any tool that writes such tars works (webdataset's
+`ShardWriter`, timm's and img2dataset's writers with a `cls` field, `python -m quest.shards`).
+
+A stream has no length, so the readers take every size from a size index, `sizes.json` next to
+the shards (or `data.shard_index`, a path or URL). `python -m quest.shards` writes it last when it
+converts a dataset; `python -m quest.shards index PATTERN [PATTERN ...]` writes it for shards made by
+another tool, by reading every shard once. It is a JSON object:
+
+    {
+      "splits": {                                  # any split names; one entry per shard file
+        "train": {"shards": {"train-000000.tar": 1000, ...}, "total": 1281167, "pattern": "..."},
+        "val":   {"shards": {"val-000000.tar": 1000, ...},   "total": 50000,   "pattern": "..."}
+      },
+      "classes": ["n01440764", ...],               # label i is classes[i]; the count is what counts
+      "num_classes": 1000,
+      "channels": 3,                               # 1: grey images, read with one channel
+      "family": "imagenet",                        # transforms when data.transforms = ""
+      "image_size": 0,                             # their size when data.image_size = 0 (0: default)
+      "family_reason": "...",                      # why that family (printed when it is used)
+      ...                                          # provenance: source, seed, versions
+    }
+
+Only `splits.*.shards` (sample counts, by shard file name: the last component of its path or URL)
+and `classes` are required. `channels` (default 3), `family` (default "imagenet", said so when
+used) and `image_size` are read when present. Train and validation shards may have indexes of their
+own, which must list the same classes.
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -26,9 +55,11 @@ from ..data import (
     DataError,
     Loaders,
     _loader_kwargs,
+    channels,
     count_classes,
     image_size,
     per_rank,
+    resolve,
     short_error,
     transforms,
 )
@@ -81,8 +112,14 @@ def _shard_name(url: str) -> str:
     return names[-1]
 
 
-def load_index(urls: list[str], location: str = "") -> tuple[dict, list[int]]:
-    """The size index (`location`, or the one next to the shards), and each shard's sample count."""
+def _index_hint(spec: str, urls: list[str]) -> str:
+    pattern = spec if spec and "::" not in spec else urls[0]
+    return f"python -m quest.shards index '{pattern}'"
+
+
+def load_index(urls: list[str], location: str = "", spec: str = "") -> tuple[dict, list[int]]:
+    """The size index (`location`, or the one next to the shards), and each shard's sample count.
+    `spec`: the shard pattern as the recipe gives it, for the messages."""
     cache: dict[str, dict] = {}
     counts = []
     for url in urls:
@@ -98,17 +135,24 @@ def load_index(urls: list[str], location: str = "") -> tuple[dict, list[int]]:
                     cache[where] = json.load(f)
             except (OSError, ValueError) as err:
                 raise DataError(
-                    f"no readable size index {where} ({err}): it is written last by "
-                    "`python -m quest.shards`, so the conversion may be unfinished"
+                    f"no readable size index {where} ({err}): shards written by another tool "
+                    f"need one: `{_index_hint(spec, urls)}` counts their samples and writes it "
+                    "(`python -m quest.shards` writes it last when it converts a dataset, so a "
+                    "conversion may be unfinished)"
                 ) from None
-            if not isinstance(cache[where], dict) or "splits" not in cache[where]:
+            index = cache[where]
+            if not isinstance(index, dict) or "splits" not in index or "classes" not in index:
                 raise DataError(
-                    f"{where} is not a size index written by `python -m quest.shards` (no "
-                    "'splits'): check data.shard_index"
+                    f"{where} is not a size index (no 'splits' or 'classes'): check "
+                    f"data.shard_index, or write one with `{_index_hint(spec, urls)}`"
                 )
+            index.setdefault("channels", 3)
         shards = {n: c for s in cache[where]["splits"].values() for n, c in s["shards"].items()}
         if name not in shards:
-            raise DataError(f"shard {url} is not listed in {where}")
+            raise DataError(
+                f"shard {url} is not listed in {where}: index every split's shards with "
+                f"`{_index_hint(spec, urls)}` (several patterns in one command)"
+            )
         counts.append(int(shards[name]))
     first = next(iter(cache.values()))
     for other in cache.values():
@@ -297,8 +341,8 @@ class StreamBatches:
 
 
 class TrainStream(IterableDataset):
-    """Resampled training batches for one rank (the `WebDataset(resampled=True)` pipeline of
-    ENGINEERING §3 with an epoch-seeded shard sampler: webdataset 1.0.2 seeds its own from the clock).
+    """Resampled training batches for one rank (a `WebDataset(resampled=True)` pipeline, as in
+    open_clip, with an epoch-seeded shard sampler: webdataset 1.0.2 seeds its own from the clock).
 
     Each (rank, worker) draws shards with replacement from an RNG seeded by (seed, epoch, rank,
     worker), so ranks need no node splitting. The worker yields its share of the rank's
@@ -478,11 +522,6 @@ class ExactStream(IterableDataset):
             yield self.batcher.batch(items)
 
 
-def _family_cfg(cfg: Data, index: dict) -> Data:
-    """The recipe's transform family, or the one recorded in the size index when unset."""
-    return cfg if cfg.transforms else dataclasses.replace(cfg, transforms=index["family"])
-
-
 def _check_cfg(cfg: Data) -> None:
     if cfg.val_fraction or cfg.per_class or cfg.keep_fraction < 1.0:
         raise DataError(
@@ -499,16 +538,18 @@ def build_wds_loaders(
     _check_cfg(cfg)
     train_urls = expand_shards(cfg.train_shards, "data.train_shards")
     val_urls = expand_shards(cfg.val_shards, "data.val_shards")
-    index, train_counts = load_index(train_urls, cfg.shard_index)
-    val_index, val_counts = load_index(val_urls, cfg.shard_index)
+    index, train_counts = load_index(train_urls, cfg.shard_index, cfg.train_shards)
+    val_index, val_counts = load_index(val_urls, cfg.shard_index, cfg.val_shards)
     if val_index["classes"] != index["classes"]:
         raise DataError(
-            "data.train_shards and data.val_shards come from conversions with other classes"
+            f"data.train_shards and data.val_shards have size indexes with other classes "
+            f"({len(index['classes'])} and {len(val_index['classes'])}): index both in one "
+            f"command, `python -m quest.shards index '{cfg.train_shards}' '{cfg.val_shards}'`"
         )
-    cfg = _family_cfg(cfg, index)
+    cfg = resolve(cfg, index=index)
     batch = per_rank(cfg.batch_size, world, "data.batch_size")
     eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
-    mode = _mode(index["channels"])
+    mode = _mode(channels(cfg))
     batches = StreamBatches(sum(train_counts), batch, world, cfg.epoch_size)
     defer = _on_gpu(device)
     train = TrainStream(
@@ -523,7 +564,7 @@ def build_wds_loaders(
         train_batches=batches,
         eval=web_loader(val, val.batcher, kw, device),
         num_classes=count_classes(cfg, index["classes"]),
-        in_channels=index["channels"],
+        in_channels=channels(cfg),
         image_size=image_size(cfg),
         train_size=sum(train_counts),
         eval_size=sum(val_counts),
@@ -539,8 +580,8 @@ def wds_feature_loader(
     skipped with a warning."""
     _check_cfg(cfg)
     urls = expand_shards(cfg.train_shards, "data.train_shards")
-    index, counts = load_index(urls, cfg.shard_index)
-    cfg = _family_cfg(cfg, index)
+    index, counts = load_index(urls, cfg.shard_index, cfg.train_shards)
+    cfg = resolve(cfg, index=index)
     n = sum(counts)
     keep = None
     if 0 < max_images < n:
@@ -554,7 +595,7 @@ def wds_feature_loader(
         world,
         batch,
         transforms(cfg, False),
-        _mode(index["channels"]),
+        _mode(channels(cfg)),
         keep=keep,
         strict=False,
         defer=_on_gpu(device),

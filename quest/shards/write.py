@@ -21,21 +21,24 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, encode_png
 
 from ..data import (
+    DEFAULT_SIZE,
     DataError,
+    choose_family,
     cifar100,
     fashion_mnist,
     image_folder,
+    image_header,
     mit67,
     short_error,
 )
 
 INDEX = "sizes.json"
 PLAN = ".quest-shards-plan.json"
-IMAGE_FIELDS = ("jpg", "png", "webp", "gif")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif")  # the image keys readers look for
 SHUFFLE_BUFFER = 2000  # encoded samples per training worker (~220 MB at ImageNet's ~110 kB a JPEG)
 SHUFFLE_INITIAL = 500
 KINDS = ("folder", "cifar100", "fashion_mnist", "mit67")
-FAMILY = {"folder": "imagenet", "mit67": "imagenet", "cifar100": "cifar", "fashion_mnist": "mnist"}
+FAMILY = {"cifar100": "cifar", "fashion_mnist": "mnist"}  # folders and MIT-67: from their images
 
 
 # --------------------------------------------------------------------------------------- conversion
@@ -125,8 +128,23 @@ def detect_kind(root: Path) -> str:
     )
 
 
+def _with_family(found: dict, where: Path, most: int = 16) -> dict:
+    """Add the transform family, image size, its reason and the channels to store to a folder
+    source, from the headers of up to `most` images spread over its first split (the rule of
+    `quest.data.choose_family`: 28-px grey digits are "mnist", one channel)."""
+    records = next(iter(found["splits"].values()), [])
+    picked = [records[k * len(records) // most] for k in range(min(most, len(records)))]
+    headers = [h for h in (image_header(r.source) for r in picked) if h is not None]
+    fam, size, why = (
+        choose_family(headers, where=str(where)) if headers else ("imagenet", 0, "no image")
+    )
+    channels = 1 if fam == "mnist" else 3
+    return {**found, "channels": channels, "family": fam, "image_size": size, "family_reason": why}
+
+
 def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = "") -> dict:
-    """{'classes', 'channels', 'splits': {split: [Record]}} for a source (nothing decoded yet).
+    """{'classes', 'channels', 'family', 'image_size', 'family_reason', 'splits': {split: [Record]}}
+    for a source (nothing decoded yet; a folder's family and channels from a few image headers).
     One class numbering for both splits: the training split's (its non-empty class folders, or its
     split file), which the other split must have exactly."""
     out: dict[str, list[Record]] = {}
@@ -143,13 +161,13 @@ def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = ""
                 continue
             ds = image_folder(folder, classes=classes)
             out[split] = _file_records(ds.images, ds.labels, folder)
-        return {"classes": classes, "channels": 3, "splits": out}
+        return _with_family({"classes": classes, "splits": out}, root)
     if kind == "mit67":
         classes = mit67(str(root), train=True).classes
         for split in splits:
             ds = mit67(str(root), train=split == "train", classes=classes)
             out[split] = _file_records(ds.images, ds.labels, root / "Images")
-        return {"classes": classes, "channels": 3, "splits": out}
+        return _with_family({"classes": classes, "splits": out}, root)
     if kind in ("cifar100", "fashion_mnist"):
         reader = cifar100 if kind == "cifar100" else fashion_mnist
         for split in splits:
@@ -157,7 +175,15 @@ def collect(root: Path, kind: str, splits: tuple[str, ...], val_labels: str = ""
             out[split] = _array_records(
                 ds.images, ds.labels, "train" if split == "train" else "test"
             )
-        return {"classes": list(ds.classes), "channels": ds.channels, "splits": out}
+        fam = FAMILY[kind]
+        return {
+            "classes": list(ds.classes),
+            "channels": ds.channels,
+            "family": fam,
+            "image_size": DEFAULT_SIZE[fam],
+            "family_reason": f"{kind}: {DEFAULT_SIZE[fam]}-px images",
+            "splits": out,
+        }
     raise DataError(f"unknown source kind {kind!r}: one of {KINDS}")
 
 
@@ -382,7 +408,9 @@ def convert(
         "classes": found["classes"],
         "num_classes": len(found["classes"]),
         "channels": found["channels"],
-        "family": FAMILY[kind],
+        "family": found["family"],
+        "image_size": found["image_size"],
+        "family_reason": found["family_reason"],
         "shard_size": shard_size,
         "val_shard_size": val_shard_size,
         "splits": {},
@@ -413,13 +441,31 @@ def _summary(index: dict, out: Path, seconds: float) -> None:
             print(f"  skipped {item['path']}: {item['reason']}")
         if len(s["skipped"]) > 20:
             print(f"  ... {len(s['skipped']) - 20} more in {out / INDEX}")
-    print(f"{index['num_classes']} classes, {index['channels']} channels, {seconds:.1f} s")
+    print(
+        f"{index['num_classes']} classes, {index['channels']} channel(s), transforms "
+        f'"{index["family"]}" ({index["family_reason"]}), {seconds:.1f} s'
+    )
+
+
+USAGE = """\
+python -m quest.shards [convert] SOURCE OUT [options]   convert a dataset into shards + sizes.json
+python -m quest.shards index PATTERN [PATTERN ...] [--out FILE]
+                                                        index shards written by another tool"""
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "index":
+        from .index import main as index_main
+
+        return index_main(argv[1:])
+    if argv and argv[0] == "convert":
+        argv = argv[1:]
     p = argparse.ArgumentParser(
-        prog="python -m quest.shards",
-        description="Convert an image dataset into WebDataset shards with a sizes.json index.",
+        prog="python -m quest.shards [convert]",
+        usage=USAGE,
+        description="Convert an image dataset into WebDataset shards with a sizes.json index "
+        "(`python -m quest.shards index --help`: index shards written by another tool).",
     )
     p.add_argument(
         "source",
