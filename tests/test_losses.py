@@ -109,8 +109,10 @@ def test_soft_assign_chunking_changes_nothing(chunk):
     ref = brute_soft_assign(features, centroids, 3.0)
     got = soft_assign(features, centroids, 3.0, chunk=chunk)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-6)
+    # Other chunk sizes are other matmul shapes: BLAS may pick other kernels (AMX/AVX-512 CPUs do),
+    # so agreement is to float32 rounding (a few ulps of a probability), not bit for bit.
     torch.testing.assert_close(
-        got, soft_assign(features, centroids, 3.0, chunk=11), rtol=0, atol=1e-7
+        got, soft_assign(features, centroids, 3.0, chunk=11), rtol=0, atol=1e-6
     )
 
 
