@@ -19,9 +19,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-from . import distributed
+from . import data, distributed, shards
 from . import recipe as recipes
-from .data import Loaders, build_loaders
+from .data import Loaders
 from .errors import QuestError, TrainingError
 from .losses import CosineHead
 from .models import build_model, feature_layer
@@ -35,6 +35,25 @@ from .student import (
     map_shapes,
     probe_input,
 )
+
+
+def build_loaders(cfg: recipes.Data, *, seed: int, rank: int, world: int, pin=False, device=None):
+    """This rank's training and evaluation loaders: the one place that picks map-style data
+    (folders, built-in datasets) or shard streams."""
+    kw = {"seed": seed, "rank": rank, "world": world, "pin": pin, "device": device}
+    if cfg.dataset == "wds":
+        return shards.build_wds_loaders(cfg, **kw)
+    return data.build_loaders(cfg, **kw)
+
+
+def feature_loader(
+    cfg: recipes.Data, *, seed: int, rank: int, world: int, max_images=0, device=None
+):
+    """The training images under the evaluation transforms, split across ranks (codebook stage)."""
+    kw = {"seed": seed, "rank": rank, "world": world, "max_images": max_images, "device": device}
+    if cfg.dataset == "wds":
+        return shards.wds_feature_loader(cfg, **kw)
+    return data.feature_loader(cfg, **kw)
 
 
 def make_accelerator(run: recipes.Run) -> Accelerator:

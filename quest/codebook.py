@@ -22,7 +22,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import artifacts, distributed
-from .data import feature_loader
 from .errors import QuestError
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
@@ -292,7 +291,7 @@ def ensure_codebooks(recipe: Recipe, teacher, accelerator) -> list[Codebook]:
     """Each level's codebook: an existing artifact is loaded and must match this recipe (teacher,
     layer, pool, K, seed, feature precision); only the missing ones are built, in one teacher pass.
     An artifact is never rebuilt or overwritten: to rebuild one, delete it."""
-    from .build import quest_levels
+    from .build import feature_loader, quest_levels
 
     resolved = quest_levels(recipe)
     # Existing artifacts are validated first: a mismatch fails before any teacher pass.

@@ -390,11 +390,8 @@ def resolve(cfg: Data, *, strict: bool = True, index: dict | None = None) -> Dat
                 train = Path(cfg.root) / "train"
                 fam, size, why = choose_family(_folder_headers(train), cfg.image_size, str(train))
             else:
-                if index is None:
-                    from .shards.read import expand_shards, load_index
-
-                    urls = expand_shards(cfg.train_shards, "data.train_shards")
-                    index, _ = load_index(urls, cfg.shard_index, cfg.train_shards)
+                if index is None:  # the shard reader passes the size index it has read
+                    raise DataError("the shards' size index is needed to choose their transforms")
                 fam, size, why = index_family(index, cfg.image_size)
         except DataError:
             if strict:
@@ -677,9 +674,7 @@ def build_loaders(
     """Training and evaluation loaders for this rank (batch sizes in the recipe are global).
     Shard (wds) batches arrive on `device`, normalised there; map-style batches stay on the CPU."""
     if cfg.dataset == "wds":
-        from .shards import build_wds_loaders
-
-        return build_wds_loaders(cfg, seed=seed, rank=rank, world=world, pin=pin, device=device)
+        raise ValueError("shard data streams through quest.shards: use quest.build.build_loaders")
     cfg = resolve(cfg)
     train, held = splits(cfg, seed)
     batch = per_rank(cfg.batch_size, world, "data.batch_size")
@@ -712,11 +707,7 @@ def feature_loader(
     """The training images under the *evaluation* transforms (codebook stage), split across ranks.
     max_images > 0 takes a seeded random subset of that many images first."""
     if cfg.dataset == "wds":
-        from .shards import wds_feature_loader
-
-        return wds_feature_loader(
-            cfg, seed=seed, rank=rank, world=world, max_images=max_images, device=device
-        )
+        raise ValueError("shard data streams through quest.shards: use quest.build.feature_loader")
     train, _ = splits(cfg, seed)
     order = range(len(train))
     if 0 < max_images < len(train):

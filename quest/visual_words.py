@@ -16,7 +16,7 @@ import torch
 
 from . import artifacts
 from .codebook import load_codebook
-from .data import STATS, family, feature_loader
+from .data import STATS, family
 from .kmeans import assign_chunked
 from .losses import flatten_locations
 
@@ -59,7 +59,7 @@ def patch(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .build import build_teacher, input_shape, setup, teacher_layers
+    from .build import build_teacher, feature_loader, input_shape, setup, teacher_layers
 
     parser = argparse.ArgumentParser(prog="python -m quest.visual_words", description=__doc__)
     parser.add_argument("recipe")

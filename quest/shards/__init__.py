@@ -30,6 +30,9 @@ the size index, so every sample is read exactly once and the readers stay balanc
 shards than readers. Neither loader may go through `accelerator.prepare`.
 """
 
+import sys
+
+from . import index, write
 from .index import build_index
 from .read import (
     Batcher,
@@ -51,10 +54,18 @@ from .write import (
     convert,
     detect_kind,
     encode_record,
-    main,
     sanitize_key,
     write_shard,
 )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m quest.shards [convert] SOURCE OUT ... | index PATTERN ..."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "index":
+        return index.main(argv[1:])
+    return write.main(argv[1:] if argv and argv[0] == "convert" else argv)
+
 
 __all__ = [
     "IMAGE_FIELDS",

@@ -1,7 +1,7 @@
-"""`python -m quest.shards SOURCE OUT ...`: convert a dataset into shards."""
+"""`python -m quest.shards [convert] SOURCE OUT ...` or `python -m quest.shards index PATTERN ...`."""
 
 import sys
 
-from .write import main
+from . import main
 
 sys.exit(main())

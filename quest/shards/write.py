@@ -454,13 +454,8 @@ python -m quest.shards index PATTERN [PATTERN ...] [--out FILE]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """python -m quest.shards [convert] SOURCE OUT ... (the package's main dispatches `index`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "index":
-        from .index import main as index_main
-
-        return index_main(argv[1:])
-    if argv and argv[0] == "convert":
-        argv = argv[1:]
     p = argparse.ArgumentParser(
         prog="python -m quest.shards [convert]",
         usage=USAGE,
