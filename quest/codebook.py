@@ -283,6 +283,12 @@ def build_codebooks(
         # Every rank learns whether rank 0 wrote the artifact (and waits for it).
         if int(accelerator.reduce(torch.tensor([error is not None], device=device).int(), "sum")):
             raise error or CodebookError(f"rank 0 did not write {level.codebook} (see its error)")
+        if accelerator.is_main_process:
+            print(
+                f"codebook {level.codebook}: {total} vectors x {centroids.shape[1]} dims, "
+                f"K = {cb.size} words, {meta['seconds']} s",
+                flush=True,
+            )
         books.append(Codebook(centroids.float(), meta))
     return books
 

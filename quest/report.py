@@ -70,7 +70,13 @@ def summary_table(summary: dict, recipe: Recipe) -> str:
     rows = []
     if summary["teacher_top1"] is not None:  # a teacher was used
         rows.append((f"teacher {recipe.teacher.arch}", f"{summary['teacher_top1']:.2f}"))
-    rows.append((f"student {recipe.student.arch} ({summary['method']})", f"{summary['top1']:.2f}"))
+    method = summary["method"]
+    who = (
+        f"{recipe.student.arch} trained alone"
+        if method == "none"
+        else f"student {recipe.student.arch} ({method})"
+    )
+    rows.append((who, f"{summary['top1']:.2f}"))
     if "final_perplexity" in summary:
         rows.append(
             (
