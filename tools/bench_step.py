@@ -11,12 +11,14 @@ precision and memory format, interleaved round by round so drift hits both alike
             default fast path; the reference gets the same model preparation, its step stays its own)
 Also reports the share of quest's step spent in the QuEST part (soft assignment + head + loss) and the
 k-means rate of `fit_kmeans` next to a plain float32 matmul of the same shapes.
+Also times the Hinton KD step on the same pair and path (QuEST step / KD step).
 The last line is `quest/reference = X.XX` for the quest configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -197,17 +199,30 @@ def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup
     def ref():
         reference(x, y, accelerator.autocast)
 
+    # Hinton KD on the same pair, same teacher and fast path: the step QuEST is compared with.
+    torch.manual_seed(0)
+    kd_recipe = dataclasses.replace(r, distill=dataclasses.replace(r.distill, method="kd"))
+    kd_student = build.build_student(kd_recipe, info, [], []).to(device, memory_format=memory)
+    kd_optimizer = torch.optim.SGD(kd_student.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    kd_student, kd_optimizer = accelerator.prepare(kd_student, kd_optimizer)
+    kd_distiller = Distiller(teacher, [], [], kd_recipe.distill, accelerator.autocast)
+
+    def kd():
+        train.train_step(kd_student, kd_distiller, kd_optimizer, accelerator, (x, y), train.Step())
+
     for _ in range(warmup):
         ours()
         ref()
-    t_ours, t_ref = [], []
-    for _ in range(repeats):  # interleaved: machine drift affects both alike
+        kd()
+    t_ours, t_ref, t_kd = [], [], []
+    for _ in range(repeats):  # interleaved: machine drift affects all alike
         t_ours.append(timed(ours, device))
         t_ref.append(timed(ref, device))
+        t_kd.append(timed(kd, device))
     return (
         statistics.median(t_ours),
         statistics.median(t_ref),
-        (teacher, books, student, accelerator, x),
+        (teacher, books, student, accelerator, x, statistics.median(t_kd)),
     )
 
 
@@ -315,7 +330,11 @@ def main(argv=None) -> None:
         )
     speedup = rates["quest"][0] / rates["original"][0]
     print(f"quest default path vs original settings: {speedup:.2f}x")
-    _, books, student, accelerator, _ = rates["quest"][3]
+    _, books, student, accelerator, _, t_kd = rates["quest"][3]
+    print(
+        f"KD step on the same pair (quest path): {batch / t_kd:.1f} img/s; "
+        f"QuEST step / KD step time = {rates['quest'][2] / t_kd:.2f} (target <= 1.10)"
+    )
     part, shape = quest_part_seconds(r, info, books, accelerator, batch, args.repeats, student)
     print(
         f"QuEST part (soft assignment + head + loss, {shape[0]} locations x {shape[1]} words x {shape[2]} dims): "
