@@ -7,432 +7,93 @@ and each sample's augmentation is seeded by (seed, epoch, index, repeat), so res
 the number of workers. The class list comes from the training split alone; the evaluation split must
 have the same classes. WebDataset shards (dataset = "wds") are read by `quest.shards`.
 
-Transform families ("mnist", "cifar", "imagenet"; `transforms`): the built-in datasets have their own.
-Image folders and shards with data.transforms = "" get one chosen from the training images
-(`choose_family`: ≤ 32 px square grey → "mnist", ≤ 40 px square → "cifar", else "imagenet" at 224 px);
-`resolve` makes the choice once per process and prints it with its reason. The "mnist" family reads
-one channel, the others three. data.flip = "" flips for "cifar" and "imagenet" and not for "mnist".
+The readers are in `quest.datasets`, the transform families and their choice in `quest.transforms`;
+both are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
 import hashlib
-import io
 import math
-import os
-import pickle
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms import v2
 
-from .errors import QuestError
+from .datasets import (
+    FASHION_MNIST_DIR,
+    FOLDER_LAYOUT,
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageList,
+    check_classes,
+    cifar100,
+    count_classes,
+    decode_file,
+    fashion_mnist,
+    image_folder,
+    mit67,
+    probe,
+    read_mode,
+    read_split_file,
+    short_error,
+    synthetic,
+)
 from .recipe import Data
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-STATS = {  # mean, std per transform family
-    "cifar": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "mnist": ((0.2860,), (0.3530,)),
-}
-FAMILY = {
-    "fashion_mnist": "mnist",
-    "cifar100": "cifar",
-    "synthetic": "cifar",
-    "imagenet": "imagenet",
-    "mit67": "imagenet",
-}
-DEFAULT_SIZE = {"mnist": 28, "cifar": 32, "imagenet": 224}
-AUTO_FAMILY = ("folder", "wds")  # datasets whose family is chosen from the images when unset
-FOLDER_LAYOUT = (
-    "expected data.root/train/<class>/<image> and data.root/val/<class>/<image>, one folder per "
-    "class with the same class names in both (or data.val_fraction > 0 instead of val/)"
+from .transforms import (
+    _RESOLVED,
+    AUTO_FAMILY,
+    DEFAULT_SIZE,
+    FAMILY,
+    GREY_MODES,
+    STATS,
+    channels,
+    choose_family,
+    family,
+    flips,
+    image_header,
+    image_size,
+    index_family,
+    resolve,
+    transforms,
 )
 
-
-class DataError(QuestError, ValueError):
-    """Missing or malformed data, with what to fix."""
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise DataError(f"{what} not found: {path} (check data.root; quest never downloads data)")
-    return path
-
-
-def short_error(err: BaseException) -> str:
-    """An error message on one line, without torchvision's C++ source location."""
-    text = re.sub(r"^.*\.cpp:\d+, ", "", str(err)).strip()
-    return " ".join(text.split()) or type(err).__name__
-
-
-def _names(names: list[str], most: int = 5) -> str:
-    shown = ", ".join(repr(n) for n in names[:most])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > most else "")
-
-
-def check_classes(found: list[str], classes: list[str], where: str, fix: str) -> None:
-    """An evaluation split must have exactly the training split's classes: numbering each split on
-    its own shifts every label when one split has a class the other lacks."""
-    missing = sorted(set(classes) - set(found))
-    extra = sorted(set(found) - set(classes))
-    if missing or extra:
-        what = [f"missing {_names(missing)}"] if missing else []
-        what += [f"not in the training split: {_names(extra)}"] if extra else []
-        raise DataError(
-            f"{where} does not have the training split's classes ({'; '.join(what)}): {fix}"
-        )
-
-
-# --------------------------------------------------------------------------------------- sources
-
-
-def decode_file(path: str | Path, channels: int) -> torch.Tensor:
-    """uint8 C×H×W pixels of an image file; DataError (one line, with the fix) if unreadable."""
-    try:
-        mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-        img = decode_image(read_file(str(path)), mode=mode)
-        return img[0] if img.ndim == 4 else img  # an animated GIF: its first frame, as PIL reads it
-    except (RuntimeError, ValueError) as err:
-        reason = short_error(err)
-    try:  # BMP, TIFF, ...: formats torchvision does not decode but PIL (ImageFolder's reader) does
-        from PIL import Image
-
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except Exception:
-        raise DataError(
-            f"cannot decode image {path} ({reason}): replace the file with a readable image or "
-            "delete it"
-        ) from None
-    img = torch.from_numpy(array.copy())
-    return img.permute(2, 0, 1) if img.ndim == 3 else img[None]
-
-
-class ImageList(Dataset):
-    """Images as a uint8 N×C×H×W tensor in memory, or as a list of files decoded on demand.
-    `size` > 0: every file must be size×size (the fixed-size transform families need it)."""
-
-    def __init__(self, images, labels: list[int], classes: list[str], channels: int, size: int = 0):
-        self.images, self.labels, self.classes, self.channels = images, labels, classes, channels
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i]
-        if isinstance(img, (str, Path)):
-            path, img = img, decode_file(img, self.channels)
-            if self.size and tuple(img.shape[-2:]) != (self.size, self.size):
-                h, w = img.shape[-2:]
-                raise DataError(
-                    f"image {path} is {w}×{h}, not {self.size}×{self.size}: the cifar and mnist "
-                    f"transforms crop fixed-size images; resize every image to "
-                    f'{self.size}×{self.size}, or set data.transforms = "imagenet" (any size)'
-                )
-        return img, self.labels[i]
-
-    def subset(self, indices) -> ImageList:
-        indices = list(indices)
-        images = (
-            self.images[indices]
-            if torch.is_tensor(self.images)
-            else [self.images[i] for i in indices]
-        )
-        labels = [self.labels[i] for i in indices]
-        return ImageList(images, labels, self.classes, self.channels, self.size)
-
-
-def probe(ds: ImageList, count: int = 8) -> None:
-    """Decode a few evenly spread images of a folder dataset now, so that a wrong size or an
-    unreadable file is reported before training rather than deep in a worker."""
-    if ds.size and len(ds):
-        for i in sorted({k * (len(ds) - 1) // max(count - 1, 1) for k in range(count)}):
-            ds[i]
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(root: str, train: bool) -> ImageList:
-    """IDX files (optionally gzipped) in `root`, `root/raw` or `root/FashionMNIST/raw`."""
-    prefix = "train" if train else "t10k"
-    base = Path(root or FASHION_MNIST_DIR)
-    for folder in (base, base / "raw", base / "FashionMNIST" / "raw"):
-        for ext in (".gz", ""):
-            images = folder / f"{prefix}-images-idx3-ubyte{ext}"
-            labels = folder / f"{prefix}-labels-idx1-ubyte{ext}"
-            if images.exists() and labels.exists():
-                x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
-                y = _read_idx(labels).astype(np.int64).tolist()
-                classes = [
-                    "tshirt",
-                    "trouser",
-                    "pullover",
-                    "dress",
-                    "coat",
-                    "sandal",
-                    "shirt",
-                    "sneaker",
-                    "bag",
-                    "boot",
-                ]
-                return ImageList(x, y, classes, 1)
-    raise DataError(
-        f"Fashion-MNIST files '{prefix}-images-idx3-ubyte[.gz]' not found under {base}: "
-        "`apt-get install dataset-fashion-mnist` or set data.root"
-    )
-
-
-def cifar100(root: str, train: bool) -> ImageList:
-    """The standard `cifar-100-python` pickles (root may be the folder itself or its parent)."""
-    base = Path(root)
-    folder = base if (base / "meta").exists() else base / "cifar-100-python"
-    batch = _require(folder / ("train" if train else "test"), "CIFAR-100 file")
-    with open(batch, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    with open(_require(folder / "meta", "CIFAR-100 meta file"), "rb") as f:
-        classes = pickle.load(f, encoding="latin1")["fine_label_names"]
-    x = torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    return ImageList(x, list(d["fine_labels"]), classes, 3)
-
-
-# torchvision's ImageFolder extensions: the files the original code (and so IMG-k) counted
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def image_folder(
-    root: Path, channels: int = 3, classes: list[str] | None = None, size: int = 0
-) -> ImageList:
-    """root/<class>/<image>, files sorted by name within each class, as torchvision's ImageFolder.
-    Classes: root's class folders sorted by name, or `classes` (the training split's, for an
-    evaluation split), which root must have exactly. A class folder without an image is an error."""
-    _require(root, "image folder")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not found:
-        raise DataError(f"no class folders in {root} (expected root/<class>/<image>)")
-    if classes is None:
-        classes = found
-    check_classes(found, classes, str(root), "every split needs one folder per class, same names")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        images = [
-            p for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not images:
-            raise DataError(
-                f"class folder {root / name} holds no image ({' '.join(IMAGE_EXTENSIONS)}): add its "
-                "images, or remove the class from every split"
-            )
-        files += images
-        labels += [label] * len(images)
-    return ImageList(files, labels, classes, channels, size)
-
-
-def read_split_file(path: Path) -> list[tuple[str, str]]:
-    """(class, file name) per '<class>/<file>' line of an MIT-67 split file, duplicates dropped,
-    sorted by class then file name: the order torchvision's ImageFolder read the original's copy of
-    the split in, so IMG-k's first k images of a class are its first k by file name."""
-    entries = set()
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip().replace("\\", "/")
-        if not line:
-            continue
-        parts = line.split("/")
-        if len(parts) != 2 or not all(parts):
-            raise DataError(f"{path}:{n}: expected '<class>/<file>', got {raw!r}")
-        entries.add((parts[0], parts[1]))
-    if not entries:
-        raise DataError(f"{path} lists no images")
-    return sorted(entries)
-
-
-def mit67(root: str, train: bool, classes: list[str] | None = None) -> ImageList:
-    """Official layout: root/Images/<class>/<file> with TrainImages.txt / TestImages.txt. Classes:
-    the split's own, or `classes` (the training split's, for the test split), which it must match."""
-    base = Path(root)
-    split = _require(base / ("TrainImages.txt" if train else "TestImages.txt"), "MIT-67 split file")
-    entries = read_split_file(split)
-    found = sorted({c for c, _ in entries})
-    if classes is None:
-        classes = found
-    check_classes(found, classes, str(split), "both split files need images of every class")
-    index = {c: i for i, c in enumerate(classes)}
-    files = [base / "Images" / c / name for c, name in entries]
-    return ImageList(files, [index[c] for c, _ in entries], classes, 3)
-
-
-def synthetic(
-    size: int, classes: int, channels: int, image_size: int, seed: int = 1234
-) -> ImageList:
-    """An easy, fixed task for tests: each class is a random 4×4 block pattern plus pixel noise."""
-    g = torch.Generator().manual_seed(1234)  # the class templates are shared by both splits
-    blocks = (torch.rand(classes, channels, 4, 4, generator=g) > 0.5).float() * 0.6 + 0.2
-    g.manual_seed(seed)
-    templates = torch.nn.functional.interpolate(blocks, size=image_size, mode="nearest")
-    labels = torch.randint(classes, (size,), generator=g)
-    noise = torch.randn(size, channels, image_size, image_size, generator=g) * 0.2
-    x = ((templates[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
-    return ImageList(x, labels.tolist(), [f"class{i}" for i in range(classes)], channels)
-
-
-# --------------------------------------------------------------------------------------- families
-
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-def image_header(source: str | Path | bytes) -> tuple[int, int, bool] | None:
-    """(width, height, grey) of an image file or encoded bytes, from its header (PIL reads no
-    pixels for this); None when it is not an image PIL can open."""
-    from PIL import Image
-
-    try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(handle) as im:
-            return im.size[0], im.size[1], im.mode in GREY_MODES
-    except Exception:
-        return None
-
-
-def choose_family(
-    headers: list[tuple[int, int, bool]], image_size: int = 0, where: str = ""
-) -> tuple[str, int, str]:
-    """(family, image size or 0 for the family's default, reason) for images with these headers
-    (width, height, grey) found `where`. The "mnist" and "cifar" transforms crop square images of
-    one size at that size; anything else gets the "imagenet" ones (RandomResizedCrop, any size)."""
-    where = f" in {where}" if where else ""
-    sizes = sorted({(w, h) for w, h, _ in headers})
-    grey = all(g for _, _, g in headers)
-    n = len(headers)
-    if len(sizes) != 1:
-        shown = ", ".join(f"{w}×{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
-        return "imagenet", 0, f"{n} images{where} of several sizes ({shown})"
-    (w, h) = sizes[0]
-    seen = f"{n} {w}×{h} {'grey' if grey else 'colour'} image{'s' if n > 1 else ''}{where}"
-    if w != h:
-        return "imagenet", 0, f"{seen} (not square)"
-    if w > 40:
-        return "imagenet", 0, f"{seen} (larger than 40 px)"
-    if image_size and image_size != w:
-        return "imagenet", 0, f"{seen}, and data.image_size = {image_size} (resized)"
-    if grey and w <= 32:
-        return "mnist", w, f"{seen} (square, grey, at most 32 px)"
-    return "cifar", w, f"{seen} (square, at most 40 px)"
-
-
-def _folder_headers(train: Path, most: int = 16) -> list[tuple[int, int, bool]]:
-    """Headers of up to `most` readable images, the first of each of up to `most` class folders
-    spread over the classes of `train` (or the first images of the class when there are few)."""
-    if not train.is_dir():
-        raise DataError(f"training folder {train} not found: {FOLDER_LAYOUT}")
-    classes = sorted(p for p in train.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"no class folders in {train}: {FOLDER_LAYOUT}")
-    picked = min(most, len(classes))
-    per_class = max(1, most // picked)
-    headers = []
-    for folder in (classes[k * len(classes) // picked] for k in range(picked)):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:  # images in sub-folders: image_folder reads them too
-            files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        headers += [h for h in map(image_header, files[:per_class]) if h is not None]
-    if not headers:
-        raise DataError(
-            f"no readable image in the class folders of {train} to choose data.transforms from "
-            f"({' '.join(IMAGE_EXTENSIONS)})"
-        )
-    return headers
-
-
-def index_family(index: dict, image_size: int = 0) -> tuple[str, int, str]:
-    """The family a shard size index records (`python -m quest.shards` and its `index` command
-    write it), as `choose_family` would give it for data.image_size = `image_size`."""
-    fam = index.get("family")
-    if fam not in STATS:
-        return "imagenet", 0, "nothing: the size index records no transform family"
-    why = f"the size index ({index.get('family_reason') or fam})"
-    size = int(index.get("image_size", 0)) if fam != "imagenet" else 0
-    if size and image_size and image_size != size:
-        return "imagenet", 0, f"{why}, and data.image_size = {image_size} (resized)"
-    return fam, size, why
-
-
-_RESOLVED: dict[tuple, tuple[str, int, str]] = {}
-
-
-def resolve(cfg: Data, *, strict: bool = True, index: dict | None = None) -> Data:
-    """`cfg` with data.transforms filled in (and data.image_size, when 0, for the fixed-size
-    families) for folder and shard data whose transforms are unset: chosen from the training
-    images, or taken from the shards' size index (`index`, read when not given). The choice is
-    made once per process and printed (by the first process) with its reason. strict = False
-    returns `cfg` unchanged when the data cannot be read."""
-    if cfg.transforms or cfg.dataset not in AUTO_FAMILY:
-        return cfg
-    key = (cfg.dataset, cfg.root, cfg.train_shards, cfg.shard_index, cfg.image_size)
-    if key not in _RESOLVED:
-        try:
-            if cfg.dataset == "folder":
-                train = Path(cfg.root) / "train"
-                fam, size, why = choose_family(_folder_headers(train), cfg.image_size, str(train))
-            else:
-                if index is None:  # the shard reader passes the size index it has read
-                    raise DataError("the shards' size index is needed to choose their transforms")
-                fam, size, why = index_family(index, cfg.image_size)
-        except DataError:
-            if strict:
-                raise
-            return cfg
-        _RESOLVED[key] = fam, size, why
-        if os.environ.get("RANK", "0") == "0":
-            chosen = dataclasses.replace(cfg, transforms=fam, image_size=cfg.image_size or size)
-            print(
-                f'data: transforms "{fam}" at {image_size(chosen)} px, '
-                f"{1 if fam == 'mnist' else 3} channel{'' if fam == 'mnist' else 's'}, "
-                f"{'flip' if flips(chosen) else 'no flip'}: chosen from {why}; set "
-                "data.transforms (mnist, cifar, imagenet) and data.flip to choose yourself",
-                flush=True,
-            )
-    fam, size, _ = _RESOLVED[key]
-    return dataclasses.replace(cfg, transforms=fam, image_size=cfg.image_size or size)
-
-
-def family(cfg: Data) -> str:
-    """The transform family the data is read with: data.transforms, the dataset's own, or for
-    folders and shards the one `resolve` chooses ("imagenet" while the data cannot be read)."""
-    cfg = resolve(cfg, strict=False)
-    return cfg.transforms or FAMILY.get(cfg.dataset, "imagenet")
-
-
-def image_size(cfg: Data) -> int:
-    return resolve(cfg, strict=False).image_size or DEFAULT_SIZE[family(cfg)]
-
-
-def channels(cfg: Data) -> int:
-    """Image channels the model sees: one for the "mnist" family (its statistics are grey), else 3."""
-    return 1 if family(cfg) == "mnist" else 3
-
-
-def flips(cfg: Data) -> bool:
-    """Whether training mirrors images: data.flip, or by default every family but "mnist"
-    (digits and text must not be mirrored)."""
-    if cfg.flip == "":
-        return family(cfg) != "mnist"
-    return bool(cfg.flip)
+__all__ = [  # the names quest.data re-exports from quest.datasets and quest.transforms
+    "AUTO_FAMILY",
+    "DEFAULT_SIZE",
+    "FAMILY",
+    "FASHION_MNIST_DIR",
+    "FOLDER_LAYOUT",
+    "GREY_MODES",
+    "IMAGE_EXTENSIONS",
+    "STATS",
+    "_RESOLVED",
+    "DataError",
+    "ImageList",
+    "channels",
+    "check_classes",
+    "choose_family",
+    "cifar100",
+    "count_classes",
+    "decode_file",
+    "family",
+    "fashion_mnist",
+    "flips",
+    "image_folder",
+    "image_header",
+    "image_size",
+    "index_family",
+    "mit67",
+    "probe",
+    "read_mode",
+    "read_split_file",
+    "resolve",
+    "short_error",
+    "synthetic",
+    "transforms",
+]
 
 
 def load_split(cfg: Data, train: bool, classes: list[str] | None = None) -> ImageList:
@@ -496,34 +157,6 @@ def splits(cfg: Data, seed: int) -> tuple[ImageList, ImageList]:
     probe(train)
     probe(held)
     return train, held
-
-
-# --------------------------------------------------------------------------------------- transforms
-
-
-def transforms(cfg: Data, train: bool) -> Callable:
-    """Training: CIFAR RandomCrop(pad 4, reflect), MNIST RandomCrop(pad 2, reflect), ImageNet
-    RandomResizedCrop, each + a horizontal flip when `flips` says so; evaluation: ImageNet
-    Resize(256/224 · size) + CenterCrop, the others as they are. Inputs are uint8 C×H×W tensors."""
-    cfg = resolve(cfg)
-    fam, size = family(cfg), image_size(cfg)
-    mean, std = STATS[fam]
-    flip = [v2.RandomHorizontalFlip()] if flips(cfg) else []
-    if fam == "imagenet":
-        if train:
-            geometry = [v2.RandomResizedCrop(size, antialias=True), *flip]
-        else:
-            geometry = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
-    else:
-        pad = 4 if fam == "cifar" else 2
-        geometry = (
-            [v2.RandomCrop(size, padding=pad, padding_mode="reflect"), *flip]
-            if train
-            else [v2.Resize(size, antialias=True)]
-            if cfg.image_size
-            else []
-        )
-    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def augmentation_seed(seed: int, epoch: int, index: int, repeat: int) -> int:
@@ -630,22 +263,6 @@ class Loader(DataLoader):
             raise DataError(worker_message(str(err))) from None
 
 
-def count_classes(cfg: Data, classes: list[str]) -> int:
-    """The classifier's outputs: the training data's classes, which data.num_classes, when set, must
-    equal (a differing count means a missing class folder or the wrong dataset)."""
-    n = len(classes)
-    if cfg.num_classes and cfg.num_classes != n:
-        raise DataError(
-            f"data.num_classes = {cfg.num_classes} but the training data has {n} classes "
-            f"({_names(classes)}): fix the data, or set data.num_classes = 0 to use its count"
-        )
-    if n < 2:
-        raise DataError(
-            f"the training data has {n} class ({_names(classes)}): a classifier needs at least 2"
-        )
-    return n
-
-
 @dataclass
 class Loaders:
     """What the trainer consumes. `train` is iterated once per epoch after `train_batches.set_epoch`.
@@ -660,6 +277,20 @@ class Loaders:
     train_size: int
     eval_size: int
     classes: list[str] | None = None
+
+
+def eval_batch(cfg: Data) -> int:
+    """The global evaluation batch: data.eval_batch_size, or twice data.batch_size when it is 0."""
+    return cfg.eval_batch_size or 2 * cfg.batch_size
+
+
+def feature_subset(n: int, max_images: int, seed: int) -> list[int] | None:
+    """The sorted indices of the seeded random `max_images` of n training images the codebook stage
+    reads, or None when it reads them all (max_images = 0 or ≥ n)."""
+    if not 0 < max_images < n:
+        return None
+    g = torch.Generator().manual_seed(seed + 31337)
+    return sorted(torch.randperm(n, generator=g)[:max_images].tolist())
 
 
 def per_rank(batch: int, world: int, what: str) -> int:
@@ -678,7 +309,7 @@ def build_loaders(
     cfg = resolve(cfg)
     train, held = splits(cfg, seed)
     batch = per_rank(cfg.batch_size, world, "data.batch_size")
-    eval_batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
+    eval_per_rank = per_rank(eval_batch(cfg), world, "data.eval_batch_size")
     batches = TrainBatches(len(train), batch, rank, world, seed, cfg.epoch_size)
     kw = _loader_kwargs(cfg, pin)
     train_loader = Loader(
@@ -687,7 +318,7 @@ def build_loaders(
     eval_set = Transformed(
         held.subset(rank_slice(len(held), rank, world)), transforms(cfg, False), seed
     )
-    eval_loader = Loader(eval_set, batch_size=eval_batch, shuffle=False, **kw)
+    eval_loader = Loader(eval_set, batch_size=eval_per_rank, shuffle=False, **kw)
     return Loaders(
         train=train_loader,
         train_batches=batches,
@@ -709,11 +340,8 @@ def feature_loader(
     if cfg.dataset == "wds":
         raise ValueError("shard data streams through quest.shards: use quest.build.feature_loader")
     train, _ = splits(cfg, seed)
-    order = range(len(train))
-    if 0 < max_images < len(train):
-        g = torch.Generator().manual_seed(seed + 31337)
-        order = sorted(torch.randperm(len(train), generator=g)[:max_images].tolist())
+    order = feature_subset(len(train), max_images, seed) or range(len(train))
     mine = [order[i] for i in rank_slice(len(order), rank, world)]
     ds = Transformed(train.subset(mine), transforms(cfg, False), seed)
-    batch = per_rank(cfg.eval_batch_size or 2 * cfg.batch_size, world, "data.eval_batch_size")
+    batch = per_rank(eval_batch(cfg), world, "data.eval_batch_size")
     return Loader(ds, batch_size=batch, shuffle=False, **_loader_kwargs(cfg, False))

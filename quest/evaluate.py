@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Loaders
+from .data import Loaders, eval_batch
 from .errors import TrainingError
 from .recipe import Recipe
 from .student import FrozenTeacher
@@ -72,9 +72,7 @@ def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, acce
     floor = recipe.teacher.min_top1 if recipe.teacher.min_top1 >= 0 else 200.0 / loaders.num_classes
     if floor == 0:
         return float("nan")
-    n_batches = max(
-        1, math.ceil(512 / max(recipe.data.eval_batch_size or 2 * recipe.data.batch_size, 1))
-    )
+    n_batches = max(1, math.ceil(512 / max(eval_batch(recipe.data), 1)))
     result = evaluate(
         teacher.model,
         loaders.eval,

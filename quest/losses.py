@@ -136,6 +136,12 @@ def total_loss(
     return loss, parts
 
 
+def perplexity(distribution: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a probability vector: the effective number of outcomes (words) in use."""
+    entropy = -(distribution * distribution.clamp_min(1e-12).log()).sum()
+    return entropy.exp()
+
+
 @torch.no_grad()
 def word_diagnostics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Codebook diagnostics (tensors, no host sync).
@@ -146,10 +152,8 @@ def word_diagnostics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, t
     """
     student_words = flatten_locations(scores).argmax(dim=1)
     teacher_words = targets.argmax(dim=1)
-    usage = targets.mean(dim=0)
-    entropy = -(usage * usage.clamp_min(1e-12).log()).sum()
     return {
         "agreement": (student_words == teacher_words).float().mean(),
-        "perplexity": entropy.exp(),
+        "perplexity": perplexity(targets.mean(dim=0)),
         "max_prob": targets.max(dim=1).values.mean(),
     }

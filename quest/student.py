@@ -13,6 +13,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import QuestError
 from .losses import CosineHead
+from .models.torchvision_models import _set_submodule
 
 
 class ModelError(QuestError, ValueError):
@@ -168,11 +169,6 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, keep: list[str] = ()
                 _set_submodule(model, bn_name, bn)
             return 0
     return len(pairs)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from . import artifacts
 from .codebook import load_codebook
 from .data import STATS, family
 from .kmeans import assign_chunked
-from .losses import flatten_locations
+from .losses import flatten_locations, perplexity
 
 
 @torch.no_grad()
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     ax.bar(range(k), usage.sort(descending=True).values.numpy() / usage.sum().item(), width=1.0)
     ax.set_xlabel("visual word (sorted by usage)")
     ax.set_ylabel("fraction of locations")
-    entropy = -(usage / usage.sum()).clamp_min(1e-12).log().mul(usage / usage.sum()).sum()
     ax.set_title(
-        f"codeword usage: {int((usage > 0).sum())} of {k} words used, perplexity {entropy.exp():.0f}"
+        f"codeword usage: {int((usage > 0).sum())} of {k} words used, "
+        f"perplexity {perplexity(usage / usage.sum()):.0f}"
     )
     fig.tight_layout()
     artifacts.atomic_write(out / "usage.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
