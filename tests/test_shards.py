@@ -35,7 +35,7 @@ from quest.shards import (
     reader_plan,
     wds_feature_loader,
 )
-from quest.shards.write import SHUFFLE_INITIAL
+from quest.shards.stream import SHUFFLE_INITIAL
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not installed here)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -382,9 +382,9 @@ def test_two_ranks_two_workers(unique_labels, layout):
 def test_shard_names_in_urls_and_pipes(url, name):
     if name is None:
         with pytest.raises(DataError, match="no shard file name"):
-            shards.read._shard_name(url)
+            shards.shardlist._shard_name(url)
     else:
-        assert shards.read._shard_name(url) == name
+        assert shards.shardlist._shard_name(url) == name
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http(s) through curl")
@@ -449,14 +449,14 @@ def test_consecutive_epochs_continue_the_stream(unique_labels, monkeypatch):
     """Epoch e + 1 goes on with epoch e's stream instead of refilling the shuffle buffer (which would
     read hundreds of samples for a 24-sample epoch); a resumed epoch starts afresh; reproducible."""
     reads = Counter()
-    tar_samples = shards.read.tar_samples
+    shard_samples = shards.stream.shard_samples
 
     def counting(url):
-        for sample in tar_samples(url):
+        for sample in shard_samples(url):
             reads["n"] += 1
             yield sample
 
-    monkeypatch.setattr(shards.read, "tar_samples", counting)
+    monkeypatch.setattr(shards.stream, "shard_samples", counting)
     cfg = _cfg(unique_labels / "many", batch_size=4, num_workers=0)
     runs = []
     for _ in range(2):
@@ -554,6 +554,25 @@ def test_truncated_shard(tmp_path):
     assert [len(y) for _, y in batches] == [4, 4]  # k0 over and over: the shard is resampled
     assert loaders.train_batches.corrupt >= 4
     with pytest.raises(DataError, match=r"val-000000\.tar: unreadable after key k0: tar trunc"):
+        list(loaders.eval)
+
+
+def test_damaged_header_ends_the_shard_and_is_noticed(tmp_path):
+    """webdataset's (tarfile's) stream reading ends a shard quietly at a damaged member header: the
+    training stream compares the count with the size index, warns and counts; validation is an error."""
+    out = _shard_dir(tmp_path, "none")
+    for split in ("train", "val"):
+        path = out / f"{split}-000000.tar"
+        with tarfile.open(path) as tar:
+            at = tar.getmembers()[6].offset + 10  # the header of k3.png
+        data = path.read_bytes()
+        path.write_bytes(data[:at] + b"X" + data[at + 1 :])
+    loaders = build_wds_loaders(_bad_cfg(out, 0), seed=0, rank=0, world=1, pin=False)
+    with pytest.warns(UserWarning, match=r"train-000000\.tar ended after 3 of its 6 samples"):
+        batches = list(loaders.train)
+    assert [len(y) for _, y in batches] == [4, 4]
+    assert loaders.train_batches.corrupt >= 1
+    with pytest.raises(DataError, match=r"val-000000\.tar holds 3 samples but sizes.json promises"):
         list(loaders.eval)
 
 

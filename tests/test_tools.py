@@ -73,11 +73,11 @@ def test_bench_codebook_times_n_and_4n_and_prints_the_scaling():
 
 def test_bench_data_times_every_side_on_the_same_images(tmp_path):
     args = "--images 48 --classes 3 --width 64 --height 48 --size 32 --batch 8 --workers 1"
-    args += f" --repeats 1 --pil-shards --wds-tar --shard-size 20 --work {tmp_path}"
+    args += f" --repeats 1 --pil-shards --shard-size 20 --work {tmp_path}"
     lines = run_tool("bench_data.py", *args.split())
     assert lines[0].startswith("48 JPEGs") and ", 3 shards," in lines[0]
     sides = [line.split(":")[0].strip() for line in lines if "images/s" in line]
-    assert sides == ["folder", "shards", "shards+PIL", "shards+wds-tar"]
+    assert sides == ["folder", "shards", "shards+PIL"]
     assert lines[-1].startswith("shards/folder = ") and float(lines[-1].split("=")[1]) > 0
 
 

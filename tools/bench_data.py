@@ -11,14 +11,11 @@ run after a warm-up epoch each (which also brings the files into the page cache)
   its slot of the float batch in the worker; with a CUDA device the workers would ship uint8 batches
   and the GPU would normalise them, which this CPU benchmark does not time);
 - shards+PIL (`--pil-shards`): the shard reader decoding with PIL instead, to separate the effect of
-  the decoder from that of reading tar shards;
-- shards+wds-tar (`--wds-tar`): the shard reader reading tars through webdataset's
-  `tarfile_samples` and starting a fresh stream (and shuffle buffer) every epoch, as it did before
-  `quest/shards/tar.py` and the carried-over streams.
+  the decoder from that of reading tar shards.
 
 Without --folder it writes a synthetic ImageNet-layout folder of 320×240 JPEGs first.
 
-    python tools/bench_data.py --images 3000 --workers 2 --batch 64 --repeats 3 [--pil-shards --wds-tar]
+    python tools/bench_data.py --images 3000 --workers 2 --batch 64 --repeats 3 [--pil-shards]
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.io import encode_jpeg
@@ -88,18 +84,6 @@ class PILTrainStream(shards.TrainStream):
             return self.batcher.image(im.convert("RGB")), int(sample["cls"])
 
 
-class WdsTarTrainStream(shards.TrainStream):
-    """The shard reader with webdataset's tar reading and a fresh stream every epoch."""
-
-    def _samples(self, rng):
-        while True:
-            yield from wds.tarfile_samples([{"url": rng.choice(self.urls)}])
-
-    def __iter__(self):
-        self._carry = None
-        yield from super().__iter__()
-
-
 def _cpu_seconds(pids: list[int]) -> float:
     """user + system CPU time of processes (Linux /proc), robust to other load on the machine."""
     total = 0
@@ -143,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per side, interleaved")
     p.add_argument("--pil-shards", action="store_true", help="also time shards decoded with PIL")
-    p.add_argument(
-        "--wds-tar", action="store_true", help="also time shards read by webdataset's tar reader"
-    )
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -197,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     ds = loaders.train.pipeline[0].dataset  # the TrainStream behind the WebLoader
     variants = {
         "shards+PIL": (args.pil_shards, PILTrainStream, pil_transforms(args.size)),
-        "shards+wds-tar": (args.wds_tar, WdsTarTrainStream, ds.batcher.transform),
     }
     for name, (wanted, stream, transform) in variants.items():
         if wanted:

@@ -19,7 +19,7 @@ MIT-67 into tar shards of `<key>.<jpg|png|webp|gif>` + `<key>.cls` members:
 Shards written by other tools (webdataset's `ShardWriter`, timm or img2dataset writers: an image
 under `jpg`, `jpeg`, `png` or `webp` and the label under `cls`) need only the size index:
 `python -m quest.shards index PATTERN [PATTERN ...]` (`quest.shards.index`) reads them once and writes
-it. Its format is documented in `quest.shards.read`, which reads it.
+it. Its format is documented in `quest.shards.shardlist`, which reads it.
 
 Readers. Training: each (rank, worker) draws shards with replacement from an RNG
 seeded by (seed, epoch, rank, worker), streams them through a shuffle buffer of encoded bytes, decodes
@@ -33,30 +33,13 @@ shards than readers. Neither loader may go through `accelerator.prepare`.
 import sys
 
 from . import index, write
+from .batching import Batcher, ToModelInput, decode_sample, web_loader
 from .index import build_index
-from .read import (
-    Batcher,
-    ExactStream,
-    StreamBatches,
-    ToModelInput,
-    TrainStream,
-    build_wds_loaders,
-    decode_sample,
-    expand_shards,
-    load_index,
-    reader_plan,
-    wds_feature_loader,
-    web_loader,
-)
-from .write import (
-    IMAGE_FIELDS,
-    INDEX,
-    convert,
-    detect_kind,
-    encode_record,
-    sanitize_key,
-    write_shard,
-)
+from .read import build_wds_loaders, wds_feature_loader
+from .shardlist import IMAGE_FIELDS, INDEX, expand_shards, load_index, shard_samples
+from .sources import detect_kind, sanitize_key
+from .stream import ExactStream, StreamBatches, TrainStream, reader_plan
+from .write import convert, encode_record, write_shard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +69,7 @@ __all__ = [
     "main",
     "reader_plan",
     "sanitize_key",
+    "shard_samples",
     "wds_feature_loader",
     "web_loader",
     "write_shard",

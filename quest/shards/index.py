@@ -9,7 +9,7 @@ split named like "train", else the first). Classes are "0" .. "N-1" for the larg
 all patterns (or the names of `--classes FILE`, one a line), so index the training and validation
 shards in one command. The index is written as `sizes.json` next to the shards (one per folder when
 the patterns are in several), or to `--out`; splits already in that file under other names are kept.
-The format is documented in `quest.shards.read`. Samples without an image or a `cls` member are
+The format is documented in `quest.shards.shardlist`. Samples without an image or a `cls` member are
 counted and reported: training skips them, validation stops at them.
 """
 
@@ -24,9 +24,7 @@ import sys
 from pathlib import Path
 
 from ..data import DataError, choose_family, image_header, short_error
-from .read import _is_remote, _shard_name, expand_shards
-from .tar import tar_samples
-from .write import IMAGE_FIELDS, INDEX
+from .shardlist import IMAGE_FIELDS, INDEX, _is_remote, _shard_name, expand_shards, shard_samples
 
 HEADERS_PER_SHARD = 4  # image headers looked at per shard (the family needs a few, spread out)
 
@@ -35,7 +33,7 @@ def count_shard(url: str) -> dict:
     """Samples, labels, unusable samples and a few image headers of one shard."""
     count, labels, unusable, headers, example = 0, set(), 0, [], None
     try:
-        for sample in tar_samples(url):
+        for sample in shard_samples(url):
             count += 1
             field = next((f for f in IMAGE_FIELDS if f in sample), None)
             label = sample.get("cls")
