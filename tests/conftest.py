@@ -90,6 +90,22 @@ def tiny(
     return write_recipe(tmp_path / f"{name}.toml", sections)
 
 
+def chained(tmp_path: Path, method: str = "kd", **overrides) -> Path:
+    """A student recipe whose teacher checkpoint is missing and is trained first by a one-epoch
+    teacher recipe (teacher.recipe); returns the student's recipe."""
+    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1, **overrides)
+    return tiny(
+        tmp_path,
+        "s",
+        method=method,
+        teacher=tmp_path / "missing.pt",
+        optim__epochs=1,
+        teacher__recipe=str(teacher_recipe),
+        teacher__min_top1=0.0,
+        **overrides,
+    )
+
+
 def synthetic_shards(tmp_path: Path, shard_size: int = 64, val_shard_size: int = 32) -> dict:
     """The synthetic task (256 train / 64 val, 16 px) as PNG class folders under tmp_path/folder
     and shards under tmp_path/wds; returns the data.train_shards / data.val_shards patterns."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import synthetic_shards, tiny
+from conftest import chained, synthetic_shards, tiny
 
 from quest import evaluate
 from quest.codebook import load_codebook
@@ -81,16 +81,7 @@ def test_two_processes_train_quest_and_evaluate_every_sample_once(tmp_path, trai
 def test_two_processes_train_the_teacher_first_with_cpu_given_as_an_override(tmp_path):
     """The README's `accelerate launch --multi_gpu --num_processes 2 ... run.cpu=true` on a recipe
     whose teacher is trained first: the override reaches the teacher run too."""
-    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1)
-    recipe = tiny(
-        tmp_path,
-        "s",
-        method="kd",
-        teacher=tmp_path / "missing.pt",
-        optim__epochs=1,
-        teacher__recipe=str(teacher_recipe),
-        teacher__min_top1=0.0,
-    )
+    recipe = chained(tmp_path)
     out = launch("quest.train", str(recipe), "run.cpu=true")
     assert (tmp_path / "s" / "summary.json").exists(), out.stderr[-3000:]
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["world_size"] == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_shards, tiny
+from conftest import chained, synthetic_shards, tiny
 
 from quest import checkpoint, train
 from quest import recipe as recipes
@@ -397,16 +397,7 @@ def test_missing_teacher_is_trained_by_its_recipe(tmp_path):
 
 
 def test_teacher_recipe_gets_the_students_device_and_precision_not_its_model(tmp_path):
-    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1)
-    recipe = tiny(
-        tmp_path,
-        "s",
-        method="kd",
-        teacher=tmp_path / "missing.pt",
-        optim__epochs=1,
-        teacher__recipe=str(teacher_recipe),
-        teacher__min_top1=0.0,
-    )
+    recipe = chained(tmp_path)
     summary = train.main([str(recipe), "run.precision=bf16", "optim.lr=0.01", "run.max_steps=3"])
     assert summary["steps"] == 3
     used = recipes.load(tmp_path / "t" / "recipe.toml")
@@ -420,17 +411,7 @@ def test_teacher_trained_first_leaves_no_stray_loader_workers(tmp_path):
     prints no stray errors: loader iterators left as garbage before the training loader forked its
     workers used to be collected in a worker ('can only test a child process'). An eager gc makes
     that deterministic (this test fails without the trainer's gc.collect())."""
-    teacher_recipe = tiny(tmp_path, "t", optim__epochs=1, data__num_workers=1)
-    recipe = tiny(
-        tmp_path,
-        "s",
-        method="quest",
-        teacher=tmp_path / "missing.pt",
-        optim__epochs=1,
-        teacher__recipe=str(teacher_recipe),
-        teacher__min_top1=0.0,
-        data__num_workers=1,
-    )
+    recipe = chained(tmp_path, "quest", data__num_workers=1)
     out = subprocess.run(
         [sys.executable, "-c", GC_EAGER_TRAIN, str(recipe)],
         capture_output=True,
