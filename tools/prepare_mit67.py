@@ -37,6 +37,10 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quest.datasets import DataError, read_split_file
+
 SPLITS = {"train": "TrainImages.txt", "val": "TestImages.txt"}
 MANIFEST = "prepared.json"
 
@@ -46,23 +50,13 @@ class PrepareError(ValueError):
 
 
 def read_split(path: Path) -> list[tuple[str, str]]:
-    """(class, file name) per line of a split file, in file order, duplicates dropped."""
+    """(class, file name) per line of a split file, as the trainer reads it (quest.datasets)."""
     if not path.is_file():
         raise PrepareError(f"split file not found: {path} (expected the official MIT-67 layout)")
-    entries, seen = [], set()
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip().replace("\\", "/")
-        if not line:
-            continue
-        parts = line.split("/")
-        if len(parts) != 2 or not all(parts):
-            raise PrepareError(f"{path}:{n}: expected '<class>/<file>', got {raw!r}")
-        if line not in seen:
-            seen.add(line)
-            entries.append((parts[0], parts[1]))
-    if not entries:
-        raise PrepareError(f"{path} lists no images")
-    return entries
+    try:
+        return read_split_file(path)
+    except DataError as err:
+        raise PrepareError(str(err)) from None
 
 
 def plan(src: Path, split: str) -> list[tuple[Path, Path]]:
