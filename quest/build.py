@@ -8,9 +8,11 @@ tools/bench_step.py use these builders; nothing here imports a stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -54,6 +56,22 @@ def feature_loader(
     if cfg.dataset == "wds":
         return shards.wds_feature_loader(cfg, **kw)
     return data.feature_loader(cfg, **kw)
+
+
+def lazy_feature_loader(
+    cfg: recipes.Data, accelerator, *, seed: int, max_images: int
+) -> Callable[[], Iterable]:
+    """This rank's `feature_loader`, built when called: `ensure_codebooks` builds it only when a
+    codebook is missing, so reusing artifacts costs no scan of the data."""
+    return functools.partial(
+        feature_loader,
+        cfg,
+        seed=seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        max_images=max_images,
+        device=accelerator.device,
+    )
 
 
 def make_accelerator(run: recipes.Run) -> Accelerator:
@@ -139,14 +157,14 @@ def check_batch_split(batch_size: int, grad_accum: int, processes: int) -> None:
         )
 
 
-def teacher_layers(recipe: Recipe) -> tuple[list[str], list[int]]:
-    levels = recipe.quest_levels()
-    layers = [lv.teacher_layer or feature_layer(recipe.teacher.arch) for lv in levels]
-    return layers, [lv.pool for lv in levels]
+def teacher_layers(levels: list[Level]) -> tuple[list[str], list[int]]:
+    """The teacher's tapped layers and their pools, one per resolved level (`quest_levels`)."""
+    return [lv.teacher_layer for lv in levels], [lv.pool for lv in levels]
 
 
-def student_layers(recipe: Recipe) -> list[str]:
-    return [lv.student_layer or feature_layer(recipe.student.arch) for lv in recipe.quest_levels()]
+def student_layers(levels: list[Level]) -> list[str]:
+    """The student's tapped layers, one per resolved level (`quest_levels`)."""
+    return [lv.student_layer for lv in levels]
 
 
 @dataclass(frozen=True)
@@ -162,9 +180,11 @@ def input_shape(loaders: Loaders) -> InputShape:
     return InputShape(loaders.num_classes, loaders.in_channels, loaders.image_size)
 
 
-def build_teacher(recipe: Recipe, shape: InputShape, device=None) -> FrozenTeacher:
-    """The teacher with strictly loaded weights: a checkpoint file, or a torchvision weights name."""
-    cfg = recipe.teacher
+def build_teacher(
+    cfg: recipes.Teacher, levels: list[Level], shape: InputShape, device=None
+) -> FrozenTeacher:
+    """The teacher with strictly loaded weights: a checkpoint file, or a torchvision weights name.
+    It taps the maps of the resolved `levels` (`quest_levels`); none = logits only (KD, evaluation)."""
     source = cfg.checkpoint
     if not source:
         raise ModelError(
@@ -181,14 +201,16 @@ def build_teacher(recipe: Recipe, shape: InputShape, device=None) -> FrozenTeach
         )
     else:  # a torchvision weights enum name such as IMAGENET1K_V1 (downloaded to the torch cache)
         model = build_model(cfg.arch, 1000, 3, weights=source)
-    layers, pools = teacher_layers(recipe)
+    layers, pools = teacher_layers(levels)
     example = probe_input(shape.in_channels, shape.image_size)
     teacher = FrozenTeacher(model, layers, pools, example)
     return teacher.to(device) if device is not None else teacher
 
 
 def quest_levels(recipe: Recipe) -> list[Level]:
-    """The QuEST levels with their layers resolved (an empty layer key = the architecture's map)."""
+    """The QuEST levels with their layers resolved (an empty layer key = the architecture's map).
+    The one place levels are resolved from a Recipe: each entry point calls it once and passes the
+    result down, so every builder below sees the same layers."""
     return [
         dataclasses.replace(
             lv,
@@ -199,16 +221,19 @@ def quest_levels(recipe: Recipe) -> list[Level]:
     ]
 
 
-def check_models(recipe: Recipe, shape: InputShape) -> None:
-    """Layers exist and teacher and student maps of every level share H×W: checked on randomly
-    initialised models before anything costly (training a teacher, k-means) runs."""
-    student = build_model(recipe.student.arch, shape.num_classes, shape.in_channels)
-    if not recipe.uses_quest:
+def check_models(
+    teacher_arch: str, student_arch: str, levels: list[Level], shape: InputShape
+) -> None:
+    """Layers exist and teacher and student maps of every resolved level share H×W: checked on
+    randomly initialised models before anything costly (training a teacher, k-means) runs. No
+    levels (no QuEST): only the student is built."""
+    student = build_model(student_arch, shape.num_classes, shape.in_channels)
+    if not levels:
         return
-    layers = student_layers(recipe)
+    layers = student_layers(levels)
     shapes = map_shapes(student, layers, shape.in_channels, shape.image_size)
-    teacher = build_model(recipe.teacher.arch, shape.num_classes, shape.in_channels)
-    t_layers, pools = teacher_layers(recipe)
+    teacher = build_model(teacher_arch, shape.num_classes, shape.in_channels)
+    t_layers, pools = teacher_layers(levels)
     t_shapes = map_shapes(teacher, t_layers, shape.in_channels, shape.image_size)
     for i, (layer, s_shape, (c, h, w), p) in enumerate(zip(layers, shapes, t_shapes, pools)):
         t_shape = (c, h // p, w // p)
@@ -220,13 +245,21 @@ def check_models(recipe: Recipe, shape: InputShape) -> None:
             )
 
 
-def build_student(recipe: Recipe, shape: InputShape, codebooks: list, teacher_shapes) -> Student:
-    backbone = build_model(recipe.student.arch, shape.num_classes, shape.in_channels)
-    if not recipe.uses_quest:
+def build_student(
+    cfg: recipes.Student,
+    head: recipes.Distill,
+    levels: list[Level],
+    shape: InputShape,
+    codebooks: list,
+    teacher_shapes,
+) -> Student:
+    """The backbone plus one cosine codeword head per resolved level (`head`: their γ and bias);
+    no levels (no QuEST): the backbone alone."""
+    backbone = build_model(cfg.arch, shape.num_classes, shape.in_channels)
+    if not levels:
         return Student(backbone, [], [])
-    layers = student_layers(recipe)
+    layers = student_layers(levels)
     shapes = map_shapes(backbone, layers, shape.in_channels, shape.image_size)
-    d = recipe.distill
     heads = []
     for i, (s_shape, t_shape, book) in enumerate(zip(shapes, teacher_shapes, codebooks)):
         if book.centroids.shape[1] != t_shape[0]:
@@ -235,9 +268,21 @@ def build_student(recipe: Recipe, shape: InputShape, codebooks: list, teacher_sh
                 f"{t_shape[0]} channels: rebuild the codebook for this teacher layer"
             )
         heads.append(
-            CosineHead(s_shape[0], book.centroids.shape[0], d.gamma, d.learn_gamma, d.bias)
+            CosineHead(s_shape[0], book.centroids.shape[0], head.gamma, head.learn_gamma, head.bias)
         )
     return Student(backbone, layers, heads)
+
+
+def build_optimizer(params, cfg: recipes.Optim) -> torch.optim.SGD:
+    """SGD as [optim] says, for the run and tools/bench_step.py alike; the LR is set every step
+    (train.lr_at)."""
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def cli(entry) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import artifacts, distributed
+from . import recipe as recipes
 from .errors import QuestError
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
-from .recipe import Level, Recipe
+from .recipe import Level
 from .vectors import VectorSample, gather_sizes, gather_to_main
 
 FORMAT = "quest-codebook/2"  # /2: a content hash of the centroids and the features' precision
@@ -67,20 +69,29 @@ def centroids_sha256(centroids: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def kmeans_seed(recipe: Recipe) -> int:
-    return recipe.seed if recipe.codebook.seed < 0 else recipe.codebook.seed
+def kmeans_seed(cfg: recipes.Codebook, seed: int) -> int:
+    """codebook.seed, or the recipe's `seed` when it is -1."""
+    return seed if cfg.seed < 0 else cfg.seed
 
 
-def expected_meta(recipe: Recipe, level: Level, mixed_precision: str) -> dict:
-    """What an artifact for this recipe level must say about itself (MATCH_FIELDS).
-    mixed_precision: the accelerator's ('no', 'bf16', 'fp16'), the teacher features' precision."""
+def expected_meta(
+    teacher: recipes.Teacher,
+    level: Level,
+    cfg: recipes.Codebook,
+    *,
+    seed: int,
+    mixed_precision: str,
+) -> dict:
+    """What an artifact for this resolved level must say about itself (MATCH_FIELDS).
+    seed: the recipe's (kmeans_seed); mixed_precision: the accelerator's ('no', 'bf16', 'fp16'),
+    the teacher features' precision."""
     return {
-        "teacher_arch": recipe.teacher.arch,
-        "teacher_weights": teacher_weights_id(recipe.teacher.checkpoint),
+        "teacher_arch": teacher.arch,
+        "teacher_weights": teacher_weights_id(teacher.checkpoint),
         "layer": level.teacher_layer,
         "pool": level.pool,
-        "size": recipe.codebook.size,
-        "seed": kmeans_seed(recipe),
+        "size": cfg.size,
+        "seed": kmeans_seed(cfg, seed),
         "feature_precision": FEATURE_PRECISION.get(mixed_precision, mixed_precision),
     }
 
@@ -199,19 +210,22 @@ def extract_samples(
 
 
 def build_codebooks(
-    recipe: Recipe,
+    cb: recipes.Codebook,
     levels: list[Level],
     teacher,
     accelerator,
     loader,
     which: list[int] | None = None,
+    *,
+    teacher_cfg: recipes.Teacher,
+    seed: int,
 ) -> list[Codebook]:
     """Fit the codebooks of the QuEST `levels` (layers resolved) numbered `which` (default all) from
-    one pass of the teacher and write their artifacts (rank 0; an existing file is never replaced)."""
-    cb = recipe.codebook
+    one pass of the teacher and write their artifacts (rank 0; an existing file is never replaced).
+    teacher_cfg: the [teacher] section the artifacts record; seed: the recipe's (kmeans_seed)."""
     which = list(range(len(levels))) if which is None else which
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    seed = kmeans_seed(recipe)
+    k_seed = kmeans_seed(cb, seed)
     # A cap gives every rank an equal share, ceil(max_vectors / world), and rank 0 clusters the
     # first max_vectors of the pooled shares (a uniform sample within each rank; the ranks' parts
     # of the data are equal up to a few images). Refinement needs every local vector.
@@ -219,7 +233,7 @@ def build_codebooks(
     capacity = 0 if cb.refine_iterations > 0 else per_rank
     t0 = time.time()
     samples = extract_samples(
-        teacher, loader, which, capacity, device, accelerator.autocast, seed, rank
+        teacher, loader, which, capacity, device, accelerator.autocast, k_seed, rank
     )
     books = []
     for i, sample in zip(which, samples):
@@ -243,7 +257,7 @@ def build_codebooks(
         del local  # a copy: refinement below needs the memory for every local vector
         result: KMeansResult | None = None
         if accelerator.is_main_process:
-            result = fit_kmeans(pooled[:total].cpu(), cb.size, cb.iterations, seed, 0, cb.gpu)
+            result = fit_kmeans(pooled[:total].cpu(), cb.size, cb.iterations, k_seed, 0, cb.gpu)
             centroids.copy_(result.centroids)
         del pooled
         distributed.wait_for_main()  # k-means may take hours: the long limit, not run.timeout_minutes
@@ -258,7 +272,9 @@ def build_codebooks(
         if world > 1 and not (accelerator.gather(fingerprint[None]) == fingerprint).all():
             raise CodebookError("ranks disagree on the codebook after the broadcast")
         meta = {
-            **expected_meta(recipe, level, accelerator.mixed_precision),
+            **expected_meta(
+                teacher_cfg, level, cb, seed=seed, mixed_precision=accelerator.mixed_precision
+            ),
             "ranks_checked_identical": world,
             "beta": level.beta,
             "iterations": cb.iterations,
@@ -293,40 +309,44 @@ def build_codebooks(
     return books
 
 
-def ensure_codebooks(recipe: Recipe, teacher, accelerator) -> list[Codebook]:
-    """Each level's codebook: an existing artifact is loaded and must match this recipe (teacher,
-    layer, pool, K, seed, feature precision); only the missing ones are built, in one teacher pass.
-    An artifact is never rebuilt or overwritten: to rebuild one, delete it."""
-    from .build import feature_loader, quest_levels
+def ensure_codebooks(
+    cfg: recipes.Codebook,
+    levels: list[Level],
+    teacher,
+    accelerator,
+    *,
+    teacher_cfg: recipes.Teacher,
+    seed: int,
+    features: Callable[[], Iterable],
+) -> list[Codebook]:
+    """Each resolved level's codebook: an existing artifact is loaded and must match (teacher, layer,
+    pool, K, seed, feature precision); only the missing ones are built, in one teacher pass over
+    `features()` (called only then: this rank's feature loader). An artifact is never rebuilt or
+    overwritten: to rebuild one, delete it. seed: the recipe's (kmeans_seed)."""
 
-    resolved = quest_levels(recipe)
+    def expect(level: Level) -> dict:
+        return expected_meta(
+            teacher_cfg, level, cfg, seed=seed, mixed_precision=accelerator.mixed_precision
+        )
+
     # Existing artifacts are validated first: a mismatch fails before any teacher pass.
     books = [
-        load_codebook(lv.codebook, expected_meta(recipe, lv, accelerator.mixed_precision))
-        if Path(lv.codebook).is_file()
-        else None
-        for lv in resolved
+        load_codebook(lv.codebook, expect(lv)) if Path(lv.codebook).is_file() else None
+        for lv in levels
     ]
     missing = [i for i, book in enumerate(books) if book is None]
     if not missing:
         return books
-    if not recipe.codebook.build:
+    if not cfg.build:
         raise CodebookError(
-            f"codebook.build = false and {[resolved[i].codebook for i in missing]} do not exist: "
+            f"codebook.build = false and {[levels[i].codebook for i in missing]} do not exist: "
             "build them first with `python -m quest.codebook` on the recipe that defines them (the "
             "recipe header says which)"
         )
-    loader = feature_loader(
-        recipe.data,
-        seed=recipe.seed,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        max_images=recipe.codebook.max_images,
-        device=accelerator.device,
+    built = build_codebooks(
+        cfg, levels, teacher, accelerator, features(), missing, teacher_cfg=teacher_cfg, seed=seed
     )
-    for i, book in zip(
-        missing, build_codebooks(recipe, resolved, teacher, accelerator, loader, missing)
-    ):
+    for i, book in zip(missing, built):
         books[i] = book
     return books
 
@@ -341,7 +361,7 @@ def _faiss_version() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> list[Codebook]:
-    from .build import build_teacher, input_shape, setup
+    from .build import build_teacher, input_shape, lazy_feature_loader, quest_levels, setup
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -349,11 +369,22 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
     recipe, accelerator, loaders = setup(argv[0], argv[1:])
     with distributed.bounded(recipe.run.timeout_minutes, accelerator.process_index):
         distributed.stage("the codebook stage")
-        teacher = build_teacher(recipe, input_shape(loaders), accelerator.device)
-        existed = [Path(level.codebook).is_file() for level in recipe.quest_levels()]
-        books = ensure_codebooks(recipe, teacher, accelerator)
+        levels = quest_levels(recipe)
+        teacher = build_teacher(recipe.teacher, levels, input_shape(loaders), accelerator.device)
+        existed = [Path(level.codebook).is_file() for level in levels]
+        books = ensure_codebooks(
+            recipe.codebook,
+            levels,
+            teacher,
+            accelerator,
+            teacher_cfg=recipe.teacher,
+            seed=recipe.seed,
+            features=lazy_feature_loader(
+                recipe.data, accelerator, seed=recipe.seed, max_images=recipe.codebook.max_images
+            ),
+        )
     if accelerator.is_main_process:
-        for level, book, reused in zip(recipe.quest_levels(), books, existed):
+        for level, book, reused in zip(levels, books, existed):
             how = "reused (it exists and matches this recipe)" if reused else "built"
             print(
                 f"codebook {level.codebook} {how}: K={book.centroids.shape[0]} "

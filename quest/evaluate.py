@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import Loaders, eval_batch
+from .data import Loaders
 from .errors import TrainingError
-from .recipe import Recipe
+from .recipe import Teacher
 from .student import FrozenTeacher
 
 
@@ -67,22 +67,41 @@ def evaluate(
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "count": int(sums[3])}
 
 
-def check_teacher(recipe: Recipe, teacher: FrozenTeacher, loaders: Loaders, accelerator) -> float:
-    """Refuse a teacher that does not know the task (a random or wrong checkpoint), before any cost."""
-    floor = recipe.teacher.min_top1 if recipe.teacher.min_top1 >= 0 else 200.0 / loaders.num_classes
+def evaluate_student(student, loaders: Loaders, accelerator, channels_last: bool) -> dict:
+    """`evaluate` on a training student's logits; it is back in train mode afterwards."""
+    student.eval()
+    result = evaluate(
+        lambda x: student(x)[0], loaders.eval, accelerator, channels_last=channels_last
+    )
+    student.train()
+    return result
+
+
+def check_teacher(
+    cfg: Teacher,
+    teacher: FrozenTeacher,
+    loaders: Loaders,
+    accelerator,
+    *,
+    eval_batch_size: int,
+    channels_last: bool,
+) -> float:
+    """Refuse a teacher that does not know the task (a random or wrong checkpoint), before any cost.
+    eval_batch_size: the global evaluation batch (quest.data.eval_batch), to count 512 images."""
+    floor = cfg.min_top1 if cfg.min_top1 >= 0 else 200.0 / loaders.num_classes
     if floor == 0:
         return float("nan")
-    n_batches = max(1, math.ceil(512 / max(eval_batch(recipe.data), 1)))
+    n_batches = max(1, math.ceil(512 / max(eval_batch_size, 1)))
     result = evaluate(
         teacher.model,
         loaders.eval,
         accelerator,
         max_batches=n_batches,
-        channels_last=recipe.run.channels_last,
+        channels_last=channels_last,
     )
     if result["top1"] < floor:
         raise TrainingError(
-            f"teacher {recipe.teacher.arch} from {recipe.teacher.checkpoint} reaches only "
+            f"teacher {cfg.arch} from {cfg.checkpoint} reaches only "
             f"{result['top1']:.1f}% top-1 on {result['count']} evaluation images (floor {floor:.1f}%): "
             "wrong or untrained weights? Set teacher.min_top1 = 0 to skip this check"
         )
@@ -110,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     recipe, accelerator, loaders = build.setup(args.recipe, args.overrides)
     if args.teacher:
-        model = build.build_teacher(recipe, build.input_shape(loaders)).model
+        # Only its logits are evaluated: no level maps to tap.
+        model = build.build_teacher(recipe.teacher, [], build.input_shape(loaders)).model
         what = f"teacher {recipe.teacher.arch} ({recipe.teacher.checkpoint})"
     else:
         from .checkpoint import backbone_weights

@@ -8,6 +8,8 @@ import math
 import uuid
 from pathlib import Path
 
+import torch
+
 from . import artifacts
 
 
@@ -217,3 +219,8 @@ def plot_curves(run_dir: Path) -> Path | None:
     artifacts.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out
+
+
+def reduce_mean(accelerator, values: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    """Mean over ranks of each value divided by n (one host sync per key, at log steps only)."""
+    return {k: float(accelerator.reduce(v.detach().float(), "mean")) / n for k, v in values.items()}

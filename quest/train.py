@@ -29,20 +29,22 @@ from tqdm import tqdm
 from . import artifacts, checkpoint, distributed, metrics, report
 from . import recipe as recipes
 from .build import (
+    build_optimizer,
     build_student,
     build_teacher,
     check_models,
     cli,
     input_shape,
+    lazy_feature_loader,
     quest_levels,
     setup,
 )
 from .codebook import ensure_codebooks, teacher_weights_id
-from .data import Loaders
+from .data import Loaders, eval_batch
 from .distiller import Distiller
 from .errors import TrainingError
-from .evaluate import check_teacher, evaluate
-from .metrics import MetricLogger
+from .evaluate import check_teacher, evaluate, evaluate_student
+from .metrics import MetricLogger, reduce_mean
 from .recipe import Optim, Recipe
 
 STOP_FILE = "STOP"
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(__doc__)
         return {}
     recipe, accelerator, loaders = setup(argv[0], argv[1:])  # every load-time check first
-    check_models(recipe, input_shape(loaders))
+    levels = quest_levels(recipe) if recipe.uses_quest else []
+    check_models(recipe.teacher.arch, recipe.student.arch, levels, input_shape(loaders))
     with distributed.bounded(recipe.run.timeout_minutes, accelerator.process_index):
         if (
             recipe.uses_teacher
@@ -170,26 +173,40 @@ def prepare(recipe: Recipe, accelerator, loaders: Loaders):
     levels = quest_levels(recipe) if recipe.uses_quest else []
     if recipe.uses_teacher:
         distributed.stage("the teacher check")
-        teacher = build_teacher(recipe, input_shape(loaders), device)
+        teacher = build_teacher(recipe.teacher, levels, input_shape(loaders), device)
         teacher.model.to(memory_format=memory)
-        check_teacher(recipe, teacher, loaders, accelerator)
+        check_teacher(
+            recipe.teacher,
+            teacher,
+            loaders,
+            accelerator,
+            eval_batch_size=eval_batch(recipe.data),
+            channels_last=recipe.run.channels_last,
+        )
     if recipe.uses_quest:
         teacher_shapes = teacher.map_shapes(loaders.in_channels, loaders.image_size)
         distributed.stage("the codebook stage")
-        codebooks = [cb.to(device) for cb in ensure_codebooks(recipe, teacher, accelerator)]
+        features = lazy_feature_loader(
+            recipe.data, accelerator, seed=recipe.seed, max_images=recipe.codebook.max_images
+        )
+        books = ensure_codebooks(
+            recipe.codebook,
+            levels,
+            teacher,
+            accelerator,
+            teacher_cfg=recipe.teacher,
+            seed=recipe.seed,
+            features=features,
+        )
+        codebooks = [cb.to(device) for cb in books]
         identity["codebooks"] = {f"level {i} sha256": cb.digest for i, cb in enumerate(codebooks)}
         checkpoint.check_same_run(accelerator, found, identity, run_dir)
     torch.manual_seed(recipe.seed)  # the student's init must not depend on what ran before it
-    student = build_student(recipe, input_shape(loaders), codebooks, teacher_shapes)
-    student = student.to(device, memory_format=memory)
-    o = recipe.optim
-    optimizer = torch.optim.SGD(
-        student.parameters(),
-        lr=o.lr,  # set every step by lr_at
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
+    student = build_student(
+        recipe.student, recipe.distill, levels, input_shape(loaders), codebooks, teacher_shapes
     )
+    student = student.to(device, memory_format=memory)
+    optimizer = build_optimizer(student.parameters(), recipe.optim)
     if recipe.run.compile:
         student = torch.compile(student)
         if teacher is not None:
@@ -345,20 +362,6 @@ def train(recipe: Recipe, accelerator: Accelerator, loaders: Loaders) -> dict:
     log.close()
     accelerator.wait_for_everyone()
     return summary
-
-
-def reduce_mean(accelerator, values: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-    """Mean over ranks of each value divided by n (one host sync per key, at log steps only)."""
-    return {k: float(accelerator.reduce(v.detach().float(), "mean")) / n for k, v in values.items()}
-
-
-def evaluate_student(student, loaders: Loaders, accelerator, channels_last: bool) -> dict:
-    student.eval()
-    result = evaluate(
-        lambda x: student(x)[0], loaders.eval, accelerator, channels_last=channels_last
-    )
-    student.train()
-    return result
 
 
 def skipped(loaders, accelerator) -> int:

@@ -59,7 +59,7 @@ def patch(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .build import build_teacher, feature_loader, input_shape, setup, teacher_layers
+    from .build import build_teacher, feature_loader, input_shape, quest_levels, setup
 
     parser = argparse.ArgumentParser(prog="python -m quest.visual_words", description=__doc__)
     parser.add_argument("recipe")
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="output folder (default run.dir/inspect)")
     args = parser.parse_args(argv)
     recipe, accelerator, loaders = setup(args.recipe, args.overrides)
-    teacher = build_teacher(recipe, input_shape(loaders), accelerator.device)
-    level = recipe.quest_levels()[0]
+    levels = quest_levels(recipe)
+    teacher = build_teacher(recipe.teacher, levels, input_shape(loaders), accelerator.device)
+    level = levels[0]
     book = load_codebook(level.codebook)
     loader = feature_loader(recipe.data, seed=recipe.seed, rank=0, world=1, max_images=args.images)
     images, rec, grid = collect(
@@ -119,9 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         axes[r][0].set_title(
             f"word {word} ({100 * usage[word] / usage.sum():.1f} %)", fontsize=7, loc="left"
         )
-    layer = teacher_layers(recipe)[0][0]
     fig.suptitle(
-        f"{recipe.teacher.arch} {layer}: the most used of {k} words, nearest patches", fontsize=9
+        f"{recipe.teacher.arch} {level.teacher_layer}: the most used of {k} words, nearest patches",
+        fontsize=9,
     )
     fig.tight_layout()
     artifacts.atomic_write(out / "words.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -112,7 +112,13 @@ def run_cases(tmp, rank: int, world: int, data) -> dict:
         try:
             r = recipe(tmp, name, **keys)
             (book,) = codebook.build_codebooks(
-                r, quest_levels(r), teacher, FakeAccelerator(rank, world), data
+                r.codebook,
+                quest_levels(r),
+                teacher,
+                FakeAccelerator(rank, world),
+                data,
+                teacher_cfg=r.teacher,
+                seed=r.seed,
             )
             # numpy: travels between processes by value (a tensor travels as a file descriptor)
             out[name] = (seen[0].numpy() if seen else None, book.meta["vectors_seen"])

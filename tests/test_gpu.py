@@ -55,17 +55,17 @@ def bf16_step(tmp_path: Path, device: str) -> None:
     assert accelerator.device.type == device
     shape = build.InputShape(num_classes=4, in_channels=3, image_size=16)
     torch.manual_seed(0)
-    layers, pools = build.teacher_layers(recipe)
+    levels = build.quest_levels(recipe)
+    layers, pools = build.teacher_layers(levels)
     teacher = FrozenTeacher(build_model("resnet8", 4, 3), layers, pools, probe_input(3, 16))
     teacher.model.to(accelerator.device)
     shapes = teacher.map_shapes(3, 16)
     books = [Codebook(torch.randn(16, s[0]), {}).to(accelerator.device) for s in shapes]
-    student = build.build_student(recipe, shape, books, shapes).to(accelerator.device)
+    student = build.build_student(recipe.student, recipe.distill, levels, shape, books, shapes)
+    student = student.to(accelerator.device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     student, optimizer = accelerator.prepare(student, optimizer)
-    distiller = Distiller(
-        teacher, books, build.quest_levels(recipe), recipe.distill, accelerator.autocast
-    )
+    distiller = Distiller(teacher, books, levels, recipe.distill, accelerator.autocast)
     seen = []  # the head's output dtype (the prepared model returns its outputs as float32)
     accelerator.unwrap_model(student).heads[0].register_forward_hook(
         lambda m, i, out: seen.append(out.dtype)

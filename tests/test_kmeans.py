@@ -317,6 +317,13 @@ def test_codebook_expect_mismatch_names_field_and_values(artifact, field, value)
     assert field in msg and repr(META[field]) in msg and repr(value) in msg and str(path) in msg
 
 
+def meta_for(recipe: R.Recipe, level: R.Level, mixed_precision: str) -> dict:
+    """expected_meta for a recipe's level, as the codebook stage calls it."""
+    return expected_meta(
+        recipe.teacher, level, recipe.codebook, seed=recipe.seed, mixed_precision=mixed_precision
+    )
+
+
 def test_codebook_expected_meta_from_recipe(tmp_path):
     ckpt = tmp_path / "teacher.pt"
     ckpt.write_bytes(b"weights v1")
@@ -328,13 +335,13 @@ def test_codebook_expected_meta_from_recipe(tmp_path):
         }
     )
     (level,) = recipe.quest_levels()
-    expect = expected_meta(recipe, level, "no")
+    expect = meta_for(recipe, level, "no")
     assert expect["teacher_weights"].startswith("sha256:") and expect["size"] == 8
     save_codebook(level.codebook, torch.randn(8, 4), expect)
     assert load_codebook(level.codebook, expect=expect).meta["layer"] == "layer3"
     ckpt.write_bytes(b"weights v2")  # another teacher: the artifact must be refused
     with pytest.raises(CodebookError, match="teacher_weights"):
-        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
+        load_codebook(level.codebook, expect=meta_for(recipe, level, "no"))
 
 
 def test_codebook_channels_mismatch(artifact):
@@ -424,33 +431,33 @@ def quest_recipe(tmp_path, **codebook_keys):
 def test_codebook_built_with_another_seed_is_refused(tmp_path):
     built_by = quest_recipe(tmp_path, seed=1)
     (level,) = built_by.quest_levels()
-    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(built_by, level, "no"))
+    save_codebook(level.codebook, torch.randn(8, 4), meta_for(built_by, level, "no"))
     recipe = quest_recipe(tmp_path)  # codebook.seed = -1: the recipe's seed, 0
-    assert tuple(expected_meta(recipe, level, "no")) == MATCH_FIELDS
-    assert expected_meta(recipe, level, "no")["seed"] == 0
+    assert tuple(meta_for(recipe, level, "no")) == MATCH_FIELDS
+    assert meta_for(recipe, level, "no")["seed"] == 0
     with pytest.raises(CodebookError) as info:
-        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
+        load_codebook(level.codebook, expect=meta_for(recipe, level, "no"))
     msg = str(info.value)
     assert "seed = 1" in msg and "has 0" in msg and "codebook.seed" in msg
     # the same seed, given either way, is accepted
     for same in (quest_recipe(tmp_path, seed=1), R.from_dict({**R.to_dict(recipe), "seed": 1})):
-        assert load_codebook(level.codebook, expect=expected_meta(same, level, "no"))
+        assert load_codebook(level.codebook, expect=meta_for(same, level, "no"))
 
 
 def test_codebook_feature_precision_is_recorded_and_checked(tmp_path):
     recipe = quest_recipe(tmp_path)
     (level,) = recipe.quest_levels()
-    assert expected_meta(recipe, level, "no")["feature_precision"] == "fp32"
-    assert expected_meta(recipe, level, "fp16")["feature_precision"] == "fp16"
-    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(recipe, level, "bf16"))
-    assert load_codebook(level.codebook, expect=expected_meta(recipe, level, "bf16"))
+    assert meta_for(recipe, level, "no")["feature_precision"] == "fp32"
+    assert meta_for(recipe, level, "fp16")["feature_precision"] == "fp16"
+    save_codebook(level.codebook, torch.randn(8, 4), meta_for(recipe, level, "bf16"))
+    assert load_codebook(level.codebook, expect=meta_for(recipe, level, "bf16"))
     with pytest.raises(CodebookError, match="bf16") as info:
-        load_codebook(level.codebook, expect=expected_meta(recipe, level, "no"))
+        load_codebook(level.codebook, expect=meta_for(recipe, level, "no"))
     assert "run.precision = 'bf16'" in str(info.value)
     # words from fp32 features serve a run at any precision
     Path(level.codebook).unlink()
-    save_codebook(level.codebook, torch.randn(8, 4), expected_meta(recipe, level, "no"))
-    assert load_codebook(level.codebook, expect=expected_meta(recipe, level, "bf16"))
+    save_codebook(level.codebook, torch.randn(8, 4), meta_for(recipe, level, "no"))
+    assert load_codebook(level.codebook, expect=meta_for(recipe, level, "bf16"))
 
 
 def test_save_codebook_never_replaces_an_existing_artifact(artifact):
@@ -511,12 +518,17 @@ def test_ensure_codebooks_builds_only_the_missing_level(tmp_path):
         + f'codebook = "{tmp_path / "cb_layer3.pt"}"\n'
     )
     r, accelerator, loaders = build.setup(str(recipe), [])
-    teacher = build.build_teacher(r, loaders, accelerator.device)
-    first = codebook.ensure_codebooks(r, teacher, accelerator)
+    levels = build.quest_levels(r)
+    teacher = build.build_teacher(r.teacher, levels, loaders, accelerator.device)
+    features = build.lazy_feature_loader(
+        r.data, accelerator, seed=r.seed, max_images=r.codebook.max_images
+    )
+    kw = {"teacher_cfg": r.teacher, "seed": r.seed, "features": features}
+    first = codebook.ensure_codebooks(r.codebook, levels, teacher, accelerator, **kw)
     layer2, layer3 = tmp_path / "cb_layer2.pt", tmp_path / "cb_layer3.pt"
     kept = layer2.stat()
     layer3.unlink()
-    second = codebook.ensure_codebooks(r, teacher, accelerator)
+    second = codebook.ensure_codebooks(r.codebook, levels, teacher, accelerator, **kw)
     assert layer2.stat().st_ino == kept.st_ino and layer2.stat().st_mtime_ns == kept.st_mtime_ns
     assert second[0].digest == first[0].digest
     assert layer3.is_file() and second[1].centroids.shape == (16, 64)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quest import recipe as R
-from quest.build import InputShape, build_teacher, student_layers, teacher_layers
+from quest.build import InputShape, build_teacher, quest_levels, student_layers, teacher_layers
 from quest.codebook import kmeans_seed, teacher_weights_id
 from quest.data import TrainBatches, family, image_size, load_split, mit67, per_class_subset
 from quest.models import PRE_RELU_LAYER, build_model, canonical_arch, feature_layer
@@ -65,9 +65,10 @@ def teacher_key(r: R.Recipe) -> tuple[str, int, int]:
 # Every layer any recipe taps, per architecture: one forward per (arch, classes, channels, size).
 NEEDED: dict[str, set[str]] = {}
 for _r in filter(None, LOADED.values()):
-    NEEDED.setdefault(canonical_arch(_r.student.arch), set()).update(student_layers(_r))
-    if _r.uses_teacher:
-        NEEDED.setdefault(canonical_arch(_r.teacher.arch), set()).update(teacher_layers(_r)[0])
+    if _r.uses_teacher:  # without a teacher only the student's own map is looked at
+        _levels = quest_levels(_r)
+        NEEDED.setdefault(canonical_arch(_r.student.arch), set()).update(student_layers(_levels))
+        NEEDED.setdefault(canonical_arch(_r.teacher.arch), set()).update(teacher_layers(_levels)[0])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,13 +115,14 @@ def codebook_identity(r: R.Recipe, level: R.Level, layer: str) -> tuple:
     arch, classes, channels = teacher_key(r)
     dims = shapes(arch, classes, channels, image_size(r.data))[layer][0]
     weights = teacher_weights_id(r.teacher.checkpoint)
-    return arch, weights, layer, level.pool, r.codebook.size, kmeans_seed(r), dims
+    return arch, weights, layer, level.pool, r.codebook.size, kmeans_seed(r.codebook, r.seed), dims
 
 
 CODEBOOK_USERS: dict[str, list[tuple[str, R.Recipe, R.Level, str]]] = {}
 for _p, _r in LOADED.items():
     if _r is not None and _r.uses_quest:
-        for _lv, _layer in zip(_r.quest_levels(), teacher_layers(_r)[0]):
+        for _lv in quest_levels(_r):
+            _layer = _lv.teacher_layer
             CODEBOOK_USERS.setdefault(_lv.codebook, []).append((_p.name, _r, _lv, _layer))
 
 
@@ -154,9 +156,10 @@ def test_recipe_builds_and_its_maps_line_up(path: Path):
         )
     if not r.uses_quest:
         return
-    t_layers, pools = teacher_layers(r)
+    levels = quest_levels(r)
+    t_layers, pools = teacher_layers(levels)
     for i, (level, t_layer, pool, s_layer) in enumerate(
-        zip(r.quest_levels(), t_layers, pools, student_layers(r))
+        zip(levels, t_layers, pools, student_layers(levels))
     ):
         c, h, w = t_maps[t_layer]
         assert h % pool == 0 and w % pool == 0, f"level {i}: {h}×{w} map, pool {pool}"
@@ -304,7 +307,8 @@ def test_pair_recipe_takes_a_repdistiller_teacher(tmp_path):
     r = R.load(
         ROOT / "recipes" / "cifar100" / "vgg13_mobilenetv2.toml", [f'teacher.checkpoint="{path}"']
     )
-    teacher = build_teacher(r, InputShape(num_classes=100, in_channels=3, image_size=32))
+    shape = InputShape(num_classes=100, in_channels=3, image_size=32)
+    teacher = build_teacher(r.teacher, quest_levels(r), shape)
     assert teacher.folded > 0  # BNs folded, and the pre-ReLU tap still sees the BN output
     assert teacher.layers == ["block4"] and teacher.pools == [2]
     with torch.no_grad():

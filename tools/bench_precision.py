@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=0)
     args = parser.parse_intermixed_args(argv)
     recipe, _, loaders = build.setup(args.recipe, ["run.cpu=true", *args.overrides])
-    layers, pools = build.teacher_layers(recipe)
+    levels = build.quest_levels(recipe)
+    layers, pools = build.teacher_layers(levels)
     if args.random_teacher:
         torch.manual_seed(0)
         model = build_model(recipe.teacher.arch, loaders.num_classes, loaders.in_channels)
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
             for i in range(0, args.images, 16)
         ]
     else:
-        teacher = build.build_teacher(recipe, build.input_shape(loaders))
+        teacher = build.build_teacher(recipe.teacher, levels, build.input_shape(loaders))
         images, seen = [], 0
         for x, _ in loaders.eval:
             images.append(x[: args.images - seen])
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
                 break
     f32, f16 = features(teacher, images, False), features(teacher, images, True)
     book = fit_kmeans(f32, args.words, 20, seed=0, gpu=False).centroids
-    beta = build.quest_levels(recipe)[0].beta
+    beta = levels[0].beta
     p32, p16 = soft_assign(f32, book, beta), soft_assign(f16, book, beta)
     kl = (p32 * (p32.clamp_min(1e-12).log() - p16.clamp_min(1e-12).log())).sum(1).mean()
     result = {

@@ -53,13 +53,19 @@ def dataset_shape(r: recipes.Recipe, size: int) -> InputShape:
     )
 
 
+def timing_optim(r: recipes.Recipe) -> recipes.Optim:
+    """The recipe's optimizer for every timed step (QuEST, KD, reference), at a small LR so that
+    repeated steps on one random batch do not diverge."""
+    return dataclasses.replace(r.optim, lr=1e-3)
+
+
 def build_models(
     r: recipes.Recipe, info, accelerator, channels_last: bool, compile: bool, fold: bool
 ):
     """Teacher, random codebooks and student exactly as quest.train builds them."""
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    layers, pools = build.teacher_layers(r)
+    layers, pools = build.teacher_layers(build.quest_levels(r))
     teacher = FrozenTeacher(
         build_model(r.teacher.arch, info.num_classes, info.in_channels),
         layers,
@@ -72,12 +78,10 @@ def build_models(
         Codebook(torch.randn(r.codebook.size, s[0]) * 0.5, {}).to(accelerator.device)
         for s in shapes
     ]
-    student = build.build_student(r, info, books, shapes).to(
-        accelerator.device, memory_format=memory
-    )
-    optimizer = torch.optim.SGD(
-        student.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
+    student = build.build_student(
+        r.student, r.distill, build.quest_levels(r), info, books, shapes
+    ).to(accelerator.device, memory_format=memory)
+    optimizer = build.build_optimizer(student.parameters(), timing_optim(r))
     if compile:
         student = torch.compile(student)
         teacher.model = torch.compile(teacher.model)
@@ -126,7 +130,7 @@ def reference_step(
 def build_reference(r, info, device, channels_last: bool, fold: bool):
     torch.manual_seed(0)
     memory = torch.channels_last if channels_last else torch.contiguous_format
-    layers, pools = build.teacher_layers(r)
+    layers, pools = build.teacher_layers(build.quest_levels(r))
     t_net = build_model(r.teacher.arch, info.num_classes, info.in_channels)
     t_net.eval().requires_grad_(False)
     if fold:
@@ -139,7 +143,7 @@ def build_reference(r, info, device, channels_last: bool, fold: bool):
     t_net.get_submodule(layers[0]).register_forward_hook(
         lambda m, i, o: t_maps.__setitem__("map", o)
     )
-    s_layer = build.student_layers(r)[0]
+    s_layer = build.student_layers(build.quest_levels(r))[0]
     s_net.get_submodule(s_layer).register_forward_hook(lambda m, i, o: s_maps.__setitem__("map", o))
     t_shape = map_shapes(t_net, layers[:1], info.in_channels, info.image_size)[0]
     s_shape = map_shapes(s_net, [s_layer], info.in_channels, info.image_size)[0]
@@ -148,12 +152,13 @@ def build_reference(r, info, device, channels_last: bool, fold: bool):
         torch.randn(r.codebook.size, s_shape[0], device=device) * (2 / s_shape[0]) ** 0.5
     )
     gamma = torch.nn.Parameter(torch.tensor(3.0, device=device))
+    o = timing_optim(r)
     opt = torch.optim.SGD(
         [*s_net.parameters(), head_w, gamma],
-        lr=1e-3,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
     )
     beta = build.quest_levels(r)[0].beta
     return lambda x, y, autocast: reference_step(
@@ -202,8 +207,10 @@ def bench_config(r, info, batch, precision, channels_last, compile, fold, warmup
     # Hinton KD on the same pair, same teacher and fast path: the step QuEST is compared with.
     torch.manual_seed(0)
     kd_recipe = dataclasses.replace(r, distill=dataclasses.replace(r.distill, method="kd"))
-    kd_student = build.build_student(kd_recipe, info, [], []).to(device, memory_format=memory)
-    kd_optimizer = torch.optim.SGD(kd_student.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    kd_student = build.build_student(kd_recipe.student, kd_recipe.distill, [], info, [], []).to(
+        device, memory_format=memory
+    )
+    kd_optimizer = build.build_optimizer(kd_student.parameters(), timing_optim(r))
     kd_student, kd_optimizer = accelerator.prepare(kd_student, kd_optimizer)
     kd_distiller = Distiller(teacher, [], [], kd_recipe.distill, accelerator.autocast)
 
@@ -231,7 +238,7 @@ def quest_part_seconds(r, info, books, accelerator, batch, repeats, student):
     level = build.quest_levels(r)[0]
     student_shape = map_shapes(
         accelerator.unwrap_model(student).backbone,
-        build.student_layers(r)[:1],
+        [level.student_layer],
         info.in_channels,
         info.image_size,
     )[0]

@@ -114,7 +114,8 @@ def main(argv=None) -> None:
     )  # the teacher, codebook and K of the table
     # Every seed reuses the one codebook: pin its k-means seed (codebook.seed = -1 follows the run's
     # seed, and an artifact built with another seed is refused).
-    same_codebook = f"codebook.seed={kmeans_seed(recipes.load(quest_recipe, common))}"
+    table_recipe = recipes.load(quest_recipe, common)
+    same_codebook = f"codebook.seed={kmeans_seed(table_recipe.codebook, table_recipe.seed)}"
     try:
         stage_s = prepare_teacher_and_codebook(quest_recipe, common, threads=cores)
     except RuntimeError as e:
