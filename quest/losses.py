@@ -43,6 +43,37 @@ def soft_assign(
     return out
 
 
+class _UnitRows(torch.autograd.Function):
+    """F.normalize(x, dim=1, eps) with the same forward ops and a hand-written backward.
+
+    d(x/||x||) = (g - <g, y> y) / ||x|| for y = x/||x|| (rows whose norm is clamped at eps are a
+    plain x/eps: g/eps). Autograd's backward of F.normalize chains five ops, each with a fresh
+    temporary the size of x; this one is a row-wise dot and one fused pass. For the 4096×512
+    codeword matrix on CPU that was most of the head's time (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        denom = norms.clamp_min(eps)
+        out = x / denom
+        ctx.save_for_backward(out, denom, norms >= eps)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out, denom, unclamped = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, out, dim=1).unsqueeze(1) * unclamped
+        return torch.addcmul(g, out, dot, value=-1).div_(denom).to(ctx.x_dtype), None
+
+
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of an N×C matrix scaled to unit L2 norm (norms clamped at eps): F.normalize(x, dim=1)
+    in value and gradient, with a cheaper backward (_UnitRows)."""
+    return _UnitRows.apply(x, eps)
+
+
 class CosineHead(nn.Module):
     """1×1 cosine convolution: s_k(u) = gamma · <f(u)/||f(u)||, w_k/||w_k||> (+ b_k).
 
@@ -70,10 +101,12 @@ class CosineHead(nn.Module):
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         # One N×C @ C×K matmul on the flattened locations (a free view for channels_last maps); the
         # B×K×H×W result is a permuted view of the N×K scores, so flattening it again costs nothing.
+        # gamma scales the N×C unit features rather than the N×K scores: same product, a K/C times
+        # smaller pass forward and backward.
         b, _, h, w = fmap.shape
-        f = F.normalize(flatten_locations(fmap), dim=1, eps=1e-12)
-        wk = F.normalize(self.weight, dim=1, eps=1e-12).to(f.dtype)
-        scores = (f @ wk.T) * self.gamma.to(f.dtype)
+        f = unit_rows(flatten_locations(fmap))
+        wk = unit_rows(self.weight).to(f.dtype)
+        scores = (f * self.gamma.to(f.dtype)) @ wk.T
         if self.bias is not None:
             scores = scores + self.bias.to(f.dtype)
         return scores.view(b, h, w, -1).permute(0, 3, 1, 2)
@@ -89,8 +122,9 @@ def quest_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # KL(p||q) = CE(p, q) - H(p): soft-target cross-entropy (fused log-softmax, backward q - p) plus
     # the targets' negative entropy, a constant without gradient; cheaper than kl_div's per-element log.
     ce = F.cross_entropy(flatten_locations(scores).float(), targets)
-    with torch.no_grad():
-        neg_entropy = torch.special.xlogy(targets, targets).sum(1).mean()
+    with torch.no_grad():  # Σ p log p as one dot product (0·log(tiny) = 0, like xlogy's 0·log 0)
+        logs = targets.clamp_min(torch.finfo(targets.dtype).tiny).log()
+        neg_entropy = torch.dot(targets.reshape(-1), logs.reshape(-1)) / targets.shape[0]
     return ce + neg_entropy
 
 

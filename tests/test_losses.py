@@ -14,6 +14,7 @@ from quest.losses import (
     quest_loss,
     soft_assign,
     total_loss,
+    unit_rows,
     word_diagnostics,
 )
 
@@ -352,6 +353,63 @@ def test_cosine_head_invariant_to_positive_rescaling():
     torch.testing.assert_close(head(fmap * per_location), ref, rtol=1e-5, atol=1e-5)
     # |score| ≤ gamma (+ bias): cosine is bounded
     assert (ref - head.bias.view(1, -1, 1, 1)).abs().max() <= 3.0 + 1e-5
+
+
+def test_unit_rows_gradcheck_in_float64():
+    torch.manual_seed(4)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(unit_rows, (x,))
+    # a row below eps is the linear map x / eps (gradient g / eps), the rest are unit rows
+    tiny = torch.randn(4, 3, dtype=torch.float64)
+    tiny[1] *= 1e-9
+    tiny.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: unit_rows(a, eps=1e-3), (tiny,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rows_equals_f_normalize_in_value_and_gradient(dtype):
+    torch.manual_seed(5)
+    x = (torch.randn(64, 48) * torch.rand(64, 1) * 10).to(dtype)
+    x[3] = 0  # a clamped row: zero output, gradient g / eps
+    x[7] *= 1e-13
+    g = torch.randn(64, 48).to(dtype)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = unit_rows(a), F.normalize(b, dim=1, eps=1e-12)
+    assert ours.dtype == ref.dtype == dtype
+    assert torch.equal(ours, ref)  # the same forward ops
+    ours.backward(g)
+    ref.backward(g)
+    assert a.grad.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
+    assert a.grad[3].abs().max() > 1e6  # g / eps where the norm was clamped
+
+
+def test_cosine_head_and_loss_gradients_equal_the_f_normalize_formula():
+    """The head's fast path (unit_rows, γ on the features, Σ p log p as a dot) against the plain
+    formula gamma · normalize(f) @ normalize(w)ᵀ + b with autograd's gradients."""
+    torch.manual_seed(6)
+    head = CosineHead(16, 32, gamma=2.0, bias=True)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(32) * 0.1)
+    fmap = torch.randn(3, 16, 2, 5, requires_grad=True)
+    targets = torch.randn(30, 32).mul(3).softmax(1)
+    targets[0] = F.one_hot(torch.tensor(4), 32).float()  # zeros: 0·log 0 = 0
+    loss = quest_loss(head(fmap), targets)
+    loss.backward()
+    w = head.weight.detach().clone().requires_grad_()
+    gamma = torch.tensor(2.0, requires_grad=True)
+    f = fmap.detach().clone().requires_grad_()
+    scores = gamma * F.normalize(flatten_locations(f), dim=1) @ F.normalize(w, dim=1).T + head.bias
+    ref = F.kl_div(scores.log_softmax(1), targets, reduction="batchmean")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for ours, theirs in (
+        (fmap.grad, f.grad),
+        (head.weight.grad, w.grad),
+        (head.gamma.grad, gamma.grad),
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
 
 
 def test_cosine_head_zero_feature_is_finite():
