@@ -275,13 +275,16 @@ def build_student(
 
 def build_optimizer(params, cfg: recipes.Optim) -> torch.optim.SGD:
     """SGD as [optim] says, for the run and tools/bench_step.py alike; the LR is set every step
-    (train.lr_at)."""
+    (train.lr_at). The fused kernel where the parameters' device has one: the same update in one
+    pass per tensor (ResNet-18 + a 4096-word head on 2 CPU threads: 6.6 ms vs 29.7 ms foreach)."""
+    params = list(params)
     return torch.optim.SGD(
         params,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
+        fused=all(p.device.type in ("cpu", "cuda") for p in params),
     )
 
 

@@ -440,3 +440,34 @@ def test_fold_batchnorm_refuses_training_mode():
 
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(build_model("resnet8", 10, 3).train(), torch.randn(1, 3, 32, 32))
+
+
+def test_build_optimizer_is_fused_sgd_with_the_foreach_update():
+    """build_optimizer: SGD from [optim] with the fused kernel on CPU; its steps equal the plain
+    (foreach) SGD update with the same momentum, Nesterov and weight decay."""
+    from quest.build import build_optimizer
+    from quest.recipe import Optim
+
+    cfg = Optim(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    results = []
+    for make in (
+        lambda ps: build_optimizer(ps, cfg),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    ):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append((opt, params))
+    (fused, ours), (_, plain) = results
+    assert fused.defaults["fused"] is True
+    for a, b, s in zip(ours, plain, start):
+        assert not torch.equal(a, s)  # the steps moved the parameters
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    meta = build_optimizer([torch.nn.Parameter(torch.empty(2, device="meta"))], cfg)
+    assert not meta.defaults["fused"]  # no fused kernel there: the default implementation
