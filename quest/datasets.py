@@ -156,30 +156,38 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+FASHION_MNIST_CLASSES = [
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
+
+
+def fashion_mnist_folders(root: Path) -> tuple[Path, ...]:
+    """Where Fashion-MNIST IDX files may lie: `root`, `root/raw` or `root/FashionMNIST/raw`
+    (torchvision's download layout). The reader and the shard converter's detection both look here."""
+    return (root, root / "raw", root / "FashionMNIST" / "raw")
+
+
 def fashion_mnist(root: str, train: bool) -> ImageList:
-    """IDX files (optionally gzipped) in `root`, `root/raw` or `root/FashionMNIST/raw`."""
+    """IDX files (optionally gzipped) in one of `fashion_mnist_folders(root)`."""
     prefix = "train" if train else "t10k"
     base = Path(root or FASHION_MNIST_DIR)
-    for folder in (base, base / "raw", base / "FashionMNIST" / "raw"):
+    for folder in fashion_mnist_folders(base):
         for ext in (".gz", ""):
             images = folder / f"{prefix}-images-idx3-ubyte{ext}"
             labels = folder / f"{prefix}-labels-idx1-ubyte{ext}"
             if images.exists() and labels.exists():
                 x = torch.from_numpy(_read_idx(images).copy()).unsqueeze(1)
                 y = _read_idx(labels).astype(np.int64).tolist()
-                classes = [
-                    "tshirt",
-                    "trouser",
-                    "pullover",
-                    "dress",
-                    "coat",
-                    "sandal",
-                    "shirt",
-                    "sneaker",
-                    "bag",
-                    "boot",
-                ]
-                return ImageList(x, y, classes, 1)
+                return ImageList(x, y, FASHION_MNIST_CLASSES, 1)
     raise DataError(
         f"Fashion-MNIST files '{prefix}-images-idx3-ubyte[.gz]' not found under {base}: "
         "`apt-get install dataset-fashion-mnist` or set data.root"

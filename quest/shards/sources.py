@@ -22,6 +22,7 @@ from ..data import (
     image_header,
     mit67,
 )
+from ..datasets import fashion_mnist_folders
 
 KINDS = ("folder", "cifar100", "fashion_mnist", "mit67")
 
@@ -97,7 +98,7 @@ def _flat_val(folder: Path, label_file: Path, classes: list[str]) -> list[Record
 def detect_kind(root: Path) -> str:
     if (root / "meta").exists() or (root / "cifar-100-python" / "meta").exists():
         return "cifar100"
-    for folder in (root, root / "raw", root / "FashionMNIST" / "raw"):
+    for folder in fashion_mnist_folders(root):
         if any(folder.glob("*-images-idx3-ubyte*")):
             return "fashion_mnist"
     if (root / "TrainImages.txt").exists():
