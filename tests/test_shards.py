@@ -727,3 +727,28 @@ def test_index_command_reports_samples_it_cannot_train_on(tmp_path):
             sink.write({"__key__": f"k{i}", "jpg": b"\xff\xd8\xff", "txt": "a caption"})
     with pytest.raises(DataError, match=r"no sample .* has an image .* and an integer cls"):
         shards.build_index([str(tmp_path / "s" / "caps-000000.tar")], progress=False)
+
+
+def test_index_refuses_a_shard_with_a_damaged_member_header(tmp_path):
+    """tarfile ends a shard quietly at a damaged header: counting through it would write an index
+    that promises 3 samples of 10. The index command names the shard and the byte instead."""
+    import webdataset as wds
+
+    (tmp_path / "s").mkdir()
+    png = encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8)).numpy().tobytes()
+    with wds.ShardWriter(str(tmp_path / "s" / "t-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(10):
+            sink.write({"__key__": f"k{i}", "png": png, "cls": i % 2})
+    path = tmp_path / "s" / "t-000000.tar"
+    assert shards.build_index([str(path)], progress=False)  # intact: indexed
+    (tmp_path / "s" / "sizes.json").unlink()
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[6]  # k3's first member
+    data = path.read_bytes()
+    path.write_bytes(data[: member.offset + 10] + b"X" + data[member.offset + 11 :])
+    with pytest.raises(
+        DataError,
+        match=rf"t-000000\.tar: unreadable data from byte {member.offset}, after 3 samples",
+    ):
+        shards.build_index([str(path)], progress=False)
+    assert not (tmp_path / "s" / "sizes.json").exists()

@@ -10,7 +10,8 @@ all patterns (or the names of `--classes FILE`, one a line), so index the traini
 shards in one command. The index is written as `sizes.json` next to the shards (one per folder when
 the patterns are in several), or to `--out`; splits already in that file under other names are kept.
 The format is documented in `quest.shards.shardlist`. Samples without an image or a `cls` member are
-counted and reported: training skips them, validation stops at them.
+counted and reported: training skips them, validation stops at them. A local shard with data after
+its last readable member (a damaged member header) is an error, never a short count.
 """
 
 from __future__ import annotations
@@ -21,12 +22,32 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import tarfile
 from pathlib import Path
 
 from ..data import DataError, choose_family, image_header, short_error
 from .shardlist import IMAGE_FIELDS, INDEX, _is_remote, _shard_name, expand_shards, shard_samples
 
 HEADERS_PER_SHARD = 4  # image headers looked at per shard (the family needs a few, spread out)
+
+
+def unread_tail(url: str) -> str | None:
+    """Where a local uncompressed tar stops being readable before its end, or None. tarfile ends
+    the archive quietly at a damaged header after the first one, so an index counted through it
+    would promise too few samples; after the last readable member only the end-of-archive zero
+    blocks may follow. Only headers are read (the members' data is skipped)."""
+    if _is_remote(url) or not url.endswith(".tar"):
+        return None
+    with tarfile.open(url, "r:") as tar:
+        for _ in tar:
+            pass
+        end = tar.offset
+    with open(url, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return f"unreadable data from byte {end}"
+    return None
 
 
 def count_shard(url: str) -> dict:
@@ -54,6 +75,12 @@ def count_shard(url: str) -> dict:
                     headers.append(header)
     except Exception as err:
         raise DataError(f"cannot read shard {url}: {short_error(err)}") from None
+    damage = unread_tail(url)
+    if damage is not None:
+        raise DataError(
+            f"shard {url}: {damage}, after {count} samples (a damaged member header ends a tar "
+            "read as a stream): write the shard again, or leave it out of the pattern"
+        )
     return {
         "url": url,
         "count": count,
