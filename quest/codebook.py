@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from . import artifacts, distributed
 from . import recipe as recipes
+from .build import build_teacher, cli, input_shape, lazy_feature_loader, quest_levels, setup
 from .errors import QuestError
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
-from .recipe import Level
+from .recipe import Level, Recipe
 from .vectors import VectorSample, gather_sizes, gather_to_main
 
 FORMAT = "quest-codebook/2"  # /2: a content hash of the centroids and the features' precision
@@ -351,6 +352,22 @@ def ensure_codebooks(
     return books
 
 
+def recipe_codebooks(recipe: Recipe, levels: list[Level], teacher, accelerator) -> list[Codebook]:
+    """`ensure_codebooks` with a recipe's sections: the one call of the entry points (quest.train,
+    quest.codebook); the features are this rank's share of the training data."""
+    return ensure_codebooks(
+        recipe.codebook,
+        levels,
+        teacher,
+        accelerator,
+        teacher_cfg=recipe.teacher,
+        seed=recipe.seed,
+        features=lazy_feature_loader(
+            recipe.data, accelerator, seed=recipe.seed, max_images=recipe.codebook.max_images
+        ),
+    )
+
+
 def _faiss_version() -> str | None:
     try:
         import faiss
@@ -361,7 +378,6 @@ def _faiss_version() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> list[Codebook]:
-    from .build import build_teacher, input_shape, lazy_feature_loader, quest_levels, setup
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -372,17 +388,7 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
         levels = quest_levels(recipe)
         teacher = build_teacher(recipe.teacher, levels, input_shape(loaders), accelerator.device)
         existed = [Path(level.codebook).is_file() for level in levels]
-        books = ensure_codebooks(
-            recipe.codebook,
-            levels,
-            teacher,
-            accelerator,
-            teacher_cfg=recipe.teacher,
-            seed=recipe.seed,
-            features=lazy_feature_loader(
-                recipe.data, accelerator, seed=recipe.seed, max_images=recipe.codebook.max_images
-            ),
-        )
+        books = recipe_codebooks(recipe, levels, teacher, accelerator)
     if accelerator.is_main_process:
         for level, book, reused in zip(levels, books, existed):
             how = "reused (it exists and matches this recipe)" if reused else "built"
@@ -395,6 +401,4 @@ def main(argv: list[str] | None = None) -> list[Codebook]:
 
 
 if __name__ == "__main__":
-    from .build import cli
-
     cli(main)

@@ -35,11 +35,10 @@ from .build import (
     check_models,
     cli,
     input_shape,
-    lazy_feature_loader,
     quest_levels,
     setup,
 )
-from .codebook import ensure_codebooks, teacher_weights_id
+from .codebook import recipe_codebooks, teacher_weights_id
 from .data import Loaders, eval_batch
 from .distiller import Distiller
 from .errors import TrainingError
@@ -186,18 +185,7 @@ def prepare(recipe: Recipe, accelerator, loaders: Loaders):
     if recipe.uses_quest:
         teacher_shapes = teacher.map_shapes(loaders.in_channels, loaders.image_size)
         distributed.stage("the codebook stage")
-        features = lazy_feature_loader(
-            recipe.data, accelerator, seed=recipe.seed, max_images=recipe.codebook.max_images
-        )
-        books = ensure_codebooks(
-            recipe.codebook,
-            levels,
-            teacher,
-            accelerator,
-            teacher_cfg=recipe.teacher,
-            seed=recipe.seed,
-            features=features,
-        )
+        books = recipe_codebooks(recipe, levels, teacher, accelerator)
         codebooks = [cb.to(device) for cb in books]
         identity["codebooks"] = {f"level {i} sha256": cb.digest for i, cb in enumerate(codebooks)}
         checkpoint.check_same_run(accelerator, found, identity, run_dir)
