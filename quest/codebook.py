@@ -28,7 +28,6 @@ from .build import build_teacher, cli, input_shape, lazy_feature_loader, quest_l
 from .errors import QuestError
 from .kmeans import KMeansResult, fit_kmeans, lloyd_refine
 from .losses import flatten_locations
-from .recipe import Level, Recipe
 from .vectors import VectorSample, gather_sizes, gather_to_main
 
 FORMAT = "quest-codebook/2"  # /2: a content hash of the centroids and the features' precision
@@ -77,7 +76,7 @@ def kmeans_seed(cfg: recipes.Codebook, seed: int) -> int:
 
 def expected_meta(
     teacher: recipes.Teacher,
-    level: Level,
+    level: recipes.Level,
     cfg: recipes.Codebook,
     *,
     seed: int,
@@ -212,7 +211,7 @@ def extract_samples(
 
 def build_codebooks(
     cb: recipes.Codebook,
-    levels: list[Level],
+    levels: list[recipes.Level],
     teacher,
     accelerator,
     loader,
@@ -312,7 +311,7 @@ def build_codebooks(
 
 def ensure_codebooks(
     cfg: recipes.Codebook,
-    levels: list[Level],
+    levels: list[recipes.Level],
     teacher,
     accelerator,
     *,
@@ -325,7 +324,7 @@ def ensure_codebooks(
     `features()` (called only then: this rank's feature loader). An artifact is never rebuilt or
     overwritten: to rebuild one, delete it. seed: the recipe's (kmeans_seed)."""
 
-    def expect(level: Level) -> dict:
+    def expect(level: recipes.Level) -> dict:
         return expected_meta(
             teacher_cfg, level, cfg, seed=seed, mixed_precision=accelerator.mixed_precision
         )
@@ -352,7 +351,9 @@ def ensure_codebooks(
     return books
 
 
-def recipe_codebooks(recipe: Recipe, levels: list[Level], teacher, accelerator) -> list[Codebook]:
+def recipe_codebooks(
+    recipe: recipes.Recipe, levels: list[recipes.Level], teacher, accelerator
+) -> list[Codebook]:
     """`ensure_codebooks` with a recipe's sections: the one call of the entry points (quest.train,
     quest.codebook); the features are this rank's share of the training data."""
     return ensure_codebooks(

@@ -8,7 +8,8 @@ assignment, student forward/backward, cosine head, KL + CE, SGD step) on the sam
 precision and memory format, interleaved round by round so drift hits both alike. Configurations:
   original: fp32, contiguous memory, no compile (the paper code's settings)
   quest:    the recipe's precision, channels_last, teacher BatchNorms folded into its convs (quest's
-            default fast path; the reference gets the same model preparation, its step stays its own)
+            default fast path; the reference gets the same model preparation, its step stays its own:
+            PyTorch's default SGD, where quest's build_optimizer uses the fused kernel)
 Also reports the share of quest's step spent in the QuEST part (soft assignment + head + loss) and the
 k-means rate of `fit_kmeans` next to a plain float32 matmul of the same shapes.
 Also times the Hinton KD step on the same pair and path (QuEST step / KD step).
